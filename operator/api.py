@@ -1,0 +1,674 @@
+"""The LoRAJob API (`lorajob.dev/v1alpha1`) as typed models: the single source of truth.
+
+The CRD in `crds/` is generated from these models (`make crds`), the operator validates
+with them and the trainer reads its config with them. This module imports neither kopf nor
+torch, so both sides can depend on it.
+
+Rules are written once, here. Where the API server can enforce a rule too, it carries it in
+the schema (ranges, enums, patterns) or as a CEL rule (`x-kubernetes-validations`) attached
+with `cel(...)`; the pydantic validators below mirror the CEL rules for local use
+(`lora-operator plan`, `lora-trainer run --job`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+GROUP = "lorajob.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "LoRAJob"
+PLURAL = "lorajobs"
+SINGULAR = "lorajob"
+SHORT_NAMES = ["lj"]
+CATEGORIES = ["ml"]
+MAX_GPUS_PER_JOB = 8
+
+# URI patterns: the schemes each location accepts (the trainer's storage layer reads them).
+MODEL_URI_PATTERN = r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*)$"
+DATA_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+|https://[^\s/]+/.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+|file:///.+)$"
+OUTPUT_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*)$"
+ENDPOINT_PATTERN = r"^https?://[^\s/]+(/.*)?$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+TARGET_MODULE_PATTERN = r"^(all-linear|[A-Za-z_][A-Za-z0-9_.]*)$"
+
+
+def cel(rule: str, message: str, *, field_path: str | None = None,
+        reason: str | None = None) -> dict[str, Any]:
+    """One CEL rule for `x-kubernetes-validations`, attached to a model or field schema."""
+    out: dict[str, Any] = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+def _validations(*rules: dict[str, Any]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class ApiModel(BaseModel):
+    """Base for every API object: camelCase on the wire, snake_case in Python, no unknown keys.
+
+    Unknown keys are refused (not dropped) because a misspelt field silently ignored is the
+    worst kind of error for a training job that runs for hours; kubectl's strict field
+    validation does the same against the CRD.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+        use_enum_values=True,
+    )
+
+
+def _immutable(name: str) -> dict[str, Any]:
+    return cel("self == oldSelf", f"spec.{name} is immutable once the job exists; "
+               "delete and re-create the LoRAJob to change it")
+
+
+# --------------------------------------------------------------------------- enums
+
+
+class Method(str, enum.Enum):
+    """How the base model is held in memory while the adapter trains."""
+
+    LORA = "lora"
+    QLORA = "qlora"
+    AUTO = "auto"
+
+
+class DatasetFormat(str, enum.Enum):
+    AUTO = "auto"
+    ALPACA = "alpaca"
+    CHAT = "chat"
+    COMPLETION = "completion"
+    TEXT = "text"
+
+
+class Scheduler(str, enum.Enum):
+    COSINE = "cosine"
+    LINEAR = "linear"
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+
+
+class Precision(str, enum.Enum):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class DeepSpeed(str, enum.Enum):
+    AUTO = "auto"
+    NONE = "none"
+    ZERO2 = "zero2"
+    ZERO3 = "zero3"
+    ZERO3_OFFLOAD = "zero3-offload"
+
+
+class Phase(str, enum.Enum):
+    PENDING = "Pending"
+    QUEUED = "Queued"
+    SCHEDULING = "Scheduling"
+    RUNNING = "Running"
+    UPLOADING = "Uploading"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class ConditionType(str, enum.Enum):
+    """Condition types, each True while it holds (so `kubectl wait --for=condition=X` works)."""
+
+    PLANNED = "Planned"
+    QUEUED = "Queued"
+    SCHEDULED = "Scheduled"
+    RUNNING = "Running"
+    UPLOADING = "Uploading"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+# --------------------------------------------------------------------------- spec parts
+
+
+class ModelShape(ApiModel):
+    """The few numbers of a transformer's config.json that decide its memory footprint."""
+
+    hidden_size: int = Field(ge=1, le=65536, description="Model width (config.json hidden_size).")
+    intermediate_size: int = Field(ge=1, le=1048576,
+                                   description="FFN inner width (config.json intermediate_size).")
+    num_hidden_layers: int = Field(ge=1, le=1024, description="Number of decoder layers.")
+    num_attention_heads: int = Field(ge=1, le=1024, description="Number of query heads.")
+    num_key_value_heads: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="Number of key/value heads (grouped-query attention); defaults to numAttentionHeads.")
+    vocab_size: int = Field(ge=1, le=4194304, description="Vocabulary size.")
+    head_dim: int | None = Field(default=None, ge=1, le=4096,
+                                 description="Per-head dimension, when not hiddenSize / numAttentionHeads.")
+    tie_word_embeddings: bool = Field(default=False,
+                                      description="Whether lm_head shares the embedding matrix.")
+    num_experts: int | None = Field(default=None, ge=1, le=1024,
+                                    description="Experts per MoE layer (absent for dense models).")
+
+
+class BaseModelSpec(ApiModel):
+    """Where the base model comes from."""
+
+    uri: str = Field(pattern=MODEL_URI_PATTERN, max_length=1024, description=(
+        "Base model location: hf://org/name, s3://bucket/prefix, pvc://claim/path, or "
+        "file:///path (local runs). The directory holds config.json and the weights, "
+        "or a GGUF file named by ggufFile."))
+    revision: str | None = Field(default=None, max_length=255, pattern=r"^[A-Za-z0-9._/-]+$",
+                                 description="Branch, tag or commit (hf:// only).")
+    gguf_file: str | None = Field(default=None, max_length=255, pattern=r"^[^/\s][^\s]*\.gguf$",
+                                  description="Load this GGUF file from the uri instead of safetensors.")
+    credentials_secret: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253,
+        description="Secret in the job's namespace with HF_TOKEN (hf://) or "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (s3://). Read by reference only.")
+    endpoint: str | None = Field(default=None, pattern=ENDPOINT_PATTERN, max_length=512,
+                                 description="S3-compatible endpoint for s3:// models; "
+                                             "defaults to output.endpoint, then the operator's default.")
+    trust_remote_code: bool = Field(default=False,
+                                    description="Allow the model repository's own Python code to run.")
+    architecture: str | None = Field(
+        default=None, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]*$",
+        description="Well-known architecture name (for example llama-3.1-8b) used for sizing "
+                    "when config.json cannot be read.")
+    shape: ModelShape | None = Field(default=None, description=(
+        "Explicit model shape for sizing, used when config.json cannot be read."))
+
+    @model_validator(mode="after")
+    def _revision_only_for_hf(self) -> BaseModelSpec:
+        if self.revision is not None and not self.uri.startswith("hf://"):
+            raise ValueError("revision: only allowed with an hf:// uri")
+        return self
+
+
+BASE_MODEL_RULES = [
+    cel("!has(self.revision) || self.uri.startsWith('hf://')",
+        "revision is only allowed with an hf:// uri", field_path=".revision"),
+]
+
+
+class SplitSpec(ApiModel):
+    """How a held-out split is obtained: a fraction of the training file, or its own file."""
+
+    fraction: float | None = Field(default=None, gt=0.0, le=0.5, description=(
+        "Fraction of the training rows held out (0 < fraction <= 0.5)."))
+    uri: str | None = Field(default=None, pattern=DATA_URI_PATTERN, max_length=1024,
+                            description="A separate file for this split.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SplitSpec:
+        if (self.fraction is None) == (self.uri is None):
+            raise ValueError("set exactly one of fraction or uri")
+        return self
+
+
+SPLIT_RULES = [cel("has(self.fraction) != has(self.uri)", "set exactly one of fraction or uri")]
+
+
+class TestSplitSpec(ApiModel):
+    """A held-out test file used only for the final verdict."""
+
+    uri: str = Field(pattern=DATA_URI_PATTERN, max_length=1024, description="Test file location.")
+
+
+class DatasetSpec(ApiModel):
+    """The training data."""
+
+    uri: str = Field(pattern=DATA_URI_PATTERN, max_length=1024, description=(
+        "Training file: .jsonl, .json or .parquet at s3://, https://, pvc://claim/path or file://."))
+    format: DatasetFormat = Field(default=DatasetFormat.AUTO, description=(
+        "Row format: alpaca (instruction/input/output), chat (messages), completion "
+        "(prompt/completion), text, or auto to detect from the columns."))
+    validation: SplitSpec = Field(
+        default_factory=lambda: SplitSpec(fraction=0.05),
+        description="Validation split: {fraction: 0.05} or {uri: ...}.")
+    test: TestSplitSpec | None = Field(default=None,
+                                       description="Optional held-out test set for the final verdict.")
+    credentials_secret: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253,
+        description="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3:// data; "
+                    "defaults to output.credentialsSecret.")
+    endpoint: str | None = Field(default=None, pattern=ENDPOINT_PATTERN, max_length=512,
+                                 description="S3 endpoint for s3:// data; defaults to output.endpoint.")
+
+
+class LoraSpec(ApiModel):
+    """The adapter's shape."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank: the adapter's inner dimension.")
+    alpha: float = Field(default=32, gt=0, le=4096,
+                         description="Scaling numerator; the update is scaled by alpha / r.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[Annotated[str, Field(pattern=TARGET_MODULE_PATTERN, max_length=128)]] = Field(
+        default_factory=lambda: ["all-linear"], min_length=1, max_length=64,
+        description="Modules that get adapters: [all-linear] for every linear layer except the "
+                    "output head, or explicit names such as [q_proj, v_proj].")
+    use_dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(default=False, description="Rank-stabilised scaling alpha / sqrt(r).")
+
+    @model_validator(mode="after")
+    def _all_linear_alone(self) -> LoraSpec:
+        if "all-linear" in self.target_modules and len(self.target_modules) != 1:
+            raise ValueError("targetModules: all-linear cannot be combined with other names")
+        return self
+
+
+LORA_RULES = [cel("!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+                  "all-linear cannot be combined with other names", field_path=".targetModules")]
+
+
+class TrainingSpec(ApiModel):
+    """The optimisation schedule."""
+
+    epochs: int | None = Field(default=None, ge=1, le=1000, description=(
+        "Passes over the training data; 3 when neither epochs nor maxSteps is set."))
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000,
+                                  description="Optimizer steps to run instead of whole epochs.")
+    learning_rate: float = Field(default=2.0e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    scheduler: Scheduler = Field(default=Scheduler.COSINE, description="Learning-rate schedule.")
+    warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5,
+                                description="Fraction of steps spent warming the learning rate up.")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0.0, le=1000.0, description="Gradient clipping norm.")
+    micro_batch_size: int = Field(default=4, ge=1, le=1024,
+                                  description="Sequences per GPU per forward pass.")
+    gradient_accumulation_steps: int = Field(default=4, ge=1, le=4096,
+                                             description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(default=2048, ge=16, le=1_048_576,
+                                description="Tokens per sequence; longer rows are truncated and counted.")
+    packing: bool = Field(default=True, description=(
+        "Pack several short rows into one sequence (no attention across rows where the "
+        "attention kernel allows it)."))
+    completion_only_loss: bool = Field(default=True,
+                                       description="Mask prompt tokens so only answers are learned.")
+    gradient_checkpointing: bool = Field(default=True,
+                                         description="Recompute activations to save memory.")
+    precision: Precision = Field(default=Precision.AUTO, description=(
+        "Compute precision: auto picks bf16 on GPUs that support it, fp32 on CPU."))
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Random seed for data order and init.")
+    eval_steps: int = Field(default=50, ge=1, le=10_000_000,
+                            description="Evaluate on the validation split every N steps.")
+    save_steps: int = Field(default=100, ge=1, le=10_000_000,
+                            description="Checkpoint to storage every N steps.")
+    early_stopping_patience: int | None = Field(default=None, ge=1, le=1000, description=(
+        "Stop after this many evaluations without improvement."))
+
+    @model_validator(mode="after")
+    def _epochs_or_steps(self) -> TrainingSpec:
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("set either epochs or maxSteps, not both")
+        return self
+
+    @property
+    def effective_epochs(self) -> int:
+        return self.epochs if self.epochs is not None else 3
+
+
+TRAINING_RULES = [cel("!(has(self.epochs) && has(self.maxSteps))",
+                      "set either epochs or maxSteps, not both")]
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration, copied onto the trainer pod."""
+
+    key: str | None = Field(default=None, max_length=317, description="Taint key.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
+    value: str | None = Field(default=None, max_length=63, description="Taint value.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate.")
+    toleration_seconds: int | None = Field(default=None, ge=0,
+                                           description="For NoExecute: how long the pod stays bound.")
+
+
+def _parse_gpus(value: Any) -> Any:
+    """`gpus` is 'auto' or 1..8: one message whichever way the input is wrong."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_GPUS_PER_JOB:
+        return value
+    raise ValueError(f"must be 'auto' or an integer 1..{MAX_GPUS_PER_JOB} (got {value!r})")
+
+
+GpuCount = Annotated[
+    int | Literal["auto"],
+    BeforeValidator(_parse_gpus),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": "^auto$",
+                    "minimum": 1, "maximum": MAX_GPUS_PER_JOB}),
+]
+
+
+class ResourcesSpec(ApiModel):
+    """Where the job may run. `auto` lets the planner decide from the VRAM estimate."""
+
+    gpus: GpuCount = Field(default="auto", description=(
+        "GPUs on one node: auto, or 1..8 (DeepSpeed when more than 1)."))
+    vram_class: str = Field(default="auto", pattern=DNS_LABEL_PATTERN, max_length=63, description=(
+        "auto, or a VRAM class name from the operator's configuration (for example h100-80gb)."))
+    deepspeed: DeepSpeed = Field(default=DeepSpeed.AUTO,
+                                 description="auto, none, zero2, zero3 or zero3-offload.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32,
+                                          description="Extra tolerations for the trainer pod.")
+    node_selector: dict[str, str] = Field(default_factory=dict,
+                                          description="Extra node selector for the trainer pod.")
+    priority_class_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN,
+                                            max_length=253,
+                                            description="PriorityClass for the trainer pod.")
+
+    @model_validator(mode="after")
+    def _multi_gpu_needs_deepspeed(self) -> ResourcesSpec:
+        if isinstance(self.gpus, int) and self.gpus > 1 and self.deepspeed == DeepSpeed.NONE:
+            raise ValueError("gpus > 1 needs deepspeed auto, zero2, zero3 or zero3-offload")
+        return self
+
+
+RESOURCES_RULES = [
+    cel("!(type(self.gpus) == int && self.gpus > 1 && self.deepspeed == 'none')",
+        "gpus > 1 needs deepspeed auto, zero2, zero3 or zero3-offload", field_path=".deepspeed"),
+]
+
+
+class OutputSpec(ApiModel):
+    """Where the adapter goes."""
+
+    uri: str = Field(pattern=OUTPUT_URI_PATTERN, max_length=1024, description=(
+        "Adapter destination: s3://bucket/prefix/, pvc://claim/path or file:///path (local runs)."))
+    endpoint: str | None = Field(default=None, pattern=ENDPOINT_PATTERN, max_length=512,
+                                 description="S3-compatible endpoint; defaults to the operator's.")
+    region: str = Field(default="us-east-1", pattern=r"^[a-z0-9-]+$", max_length=64,
+                        description="S3 region.")
+    credentials_secret: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
+                    "defaults to the operator's.")
+    merge: bool = Field(default=False, description=(
+        "Also upload a merged bf16 model (QLoRA jobs merge into a bf16 copy of the base)."))
+    overwrite: bool = Field(default=False,
+                            description="Replace an adapter another job already wrote at uri.")
+
+
+class EvaluationSpec(ApiModel):
+    """The quality gate: the adapter must beat its base model on held-out data."""
+
+    min_improvement: float | None = Field(default=None, ge=0.0, lt=1.0, description=(
+        "Required relative drop in held-out loss versus the base model (0.05 = 5 %); "
+        "the job Fails when the adapter does not reach it."))
+    prompts: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=list, max_length=8,
+        description="Prompts answered by base and adapter after training, stored in metrics.json.")
+    max_new_tokens: int = Field(default=64, ge=1, le=4096,
+                                description="Tokens generated per evaluation prompt.")
+
+
+class RunPolicy(ApiModel):
+    """Retries, limits and lifetime, as in Kubernetes Jobs."""
+
+    backoff_limit: int = Field(default=2, ge=0, le=20,
+                               description="Retries after a retryable failure or out-of-memory.")
+    active_deadline_seconds: int | None = Field(default=86400, ge=60, le=31_536_000,
+                                                description="Fail the job after this long.")
+    ttl_seconds_after_finished: int | None = Field(default=604800, ge=0, le=31_536_000, description=(
+        "Delete the LoRAJob this long after it finished (its adapter stays in storage)."))
+    suspend: bool = Field(default=False, description=(
+        "Stop the trainer (its progress and checkpoints stay); resume by setting it false."))
+
+
+class LoRAJobSpec(ApiModel):
+    """What the user wants: a base model, data, a method and where the adapter goes."""
+
+    base_model: BaseModelSpec = Field(
+        description="The model to adapt.")
+    dataset: DatasetSpec = Field(description="Training data and its held-out splits.")
+    method: Method = Field(default=Method.AUTO, description=(
+        "lora, qlora (4-bit NF4 base), or auto: lora if it fits a configured GPU, else qlora."))
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="The adapter's shape.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
+                                     description="GPU count, VRAM class and scheduling.")
+    output: OutputSpec = Field(description="Where the adapter goes.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec,
+                                       description="Quality gate and sample prompts.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy,
+                                  description="Retries, deadline, TTL and suspension.")
+
+    @model_validator(mode="after")
+    def _merge_precision(self) -> LoRAJobSpec:
+        if self.output.merge and self.method == Method.QLORA and \
+                self.training.precision == Precision.FP16:
+            raise ValueError("output.merge with method qlora merges into a bf16 base; "
+                             "training.precision must be auto or bf16")
+        return self
+
+
+SPEC_RULES = [
+    cel("!(self.output.merge && self.method == 'qlora' && self.training.precision == 'fp16')",
+        "output.merge with method qlora merges into a bf16 base; "
+        "training.precision must be auto or bf16", field_path=".training.precision"),
+]
+# Fields whose change would alter a run in flight; runPolicy stays editable (suspend, TTL).
+IMMUTABLE_SPEC_FIELDS = ["baseModel", "dataset", "method", "lora", "training", "resources",
+                         "output", "evaluation"]
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(max_length=316, description="Condition type, for example Running.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", max_length=1024, description="CamelCase machine-readable reason.")
+    message: str = Field(default="", max_length=32768, description="Human-readable detail.")
+    last_transition_time: str | None = Field(default=None,
+                                             description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, ge=0,
+                                            description="The spec generation this was computed from.")
+
+
+class Placement(ApiModel):
+    """Where the planner put the job, decided before any pod exists."""
+
+    method: Literal["lora", "qlora"] | None = Field(default=None, description="Resolved method.")
+    vram_class: str | None = Field(default=None, description="Chosen VRAM class.")
+    estimated_vram_gib: float | None = Field(default=None, alias="estimatedVramGiB",
+                                              description="Estimated peak memory per GPU (GiB).")
+    gpus: int | None = Field(default=None, description="GPUs on one node.")
+    deepspeed: str | None = Field(default=None, description="Resolved DeepSpeed stage.")
+    node: str | None = Field(default=None, description="Node the trainer pod runs on.")
+    breakdown: dict[str, float] = Field(default_factory=dict,
+                                        description="Estimate per component (GiB).")
+
+
+class Progress(ApiModel):
+    """Live training progress, patched by the trainer (at most every 5 s)."""
+
+    step: int | None = Field(default=None, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps planned.")
+    percent: float | None = Field(default=None, description="step / totalSteps × 100.")
+    epoch: float | None = Field(default=None, description="Fractional epoch.")
+    loss: float | None = Field(default=None, description="Recent training loss.")
+    eval_loss: float | None = Field(default=None, description="Latest validation loss.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput.")
+    eta_seconds: float | None = Field(default=None, description="Estimated time to finish.")
+    updated_at: str | None = Field(default=None, description="When this was written (RFC 3339).")
+
+
+class Result(ApiModel):
+    """The verdict and where the adapter is."""
+
+    adapter_uri: str | None = Field(default=None, description="Adapter location.")
+    manifest_uri: str | None = Field(default=None, description="manifest.json location.")
+    size_bytes: int | None = Field(default=None, description="Adapter size.")
+    base_eval_loss: float | None = Field(default=None, description="Base model held-out loss.")
+    adapter_eval_loss: float | None = Field(default=None, description="Adapter held-out loss.")
+    improvement: float | None = Field(default=None,
+                                      description="Relative held-out loss reduction (0.1 = 10 %).")
+    base_test_loss: float | None = Field(default=None, description="Base model test-set loss.")
+    adapter_test_loss: float | None = Field(default=None, description="Adapter test-set loss.")
+    merged_uri: str | None = Field(default=None, description="Merged model location.")
+
+
+class Cost(ApiModel):
+    gpu_hours: float | None = Field(default=None, description="GPU-hours used by all attempts.")
+    estimated_usd: float | None = Field(default=None, alias="estimatedUSD",
+                                        description="GPU-hours × the class's price.")
+
+
+class LoRAJobStatus(ApiModel):
+    """What the controller saw."""
+
+    phase: Phase | None = Field(default=None, description="Lifecycle phase.")
+    conditions: list[Condition] = Field(default_factory=list, description="Current conditions.")
+    observed_generation: int | None = Field(default=None,
+                                            description="Spec generation last acted on.")
+    placement: Placement | None = Field(default=None, description="Resolved placement.")
+    progress: Progress | None = Field(default=None, description="Training progress.")
+    attempts: int | None = Field(default=None, description="Trainer attempts so far.")
+    result: Result | None = Field(default=None, description="Final result.")
+    cost: Cost | None = Field(default=None, description="GPU-hours and estimated cost.")
+    start_time: str | None = Field(default=None, description="When training first started.")
+    completion_time: str | None = Field(default=None, description="When the job finished.")
+    message: str | None = Field(default=None, description="Latest human-readable summary.")
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the project reads; everything else passes through untouched."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(default="", max_length=63, pattern=r"^$|" + DNS_LABEL_PATTERN)
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class LoRAJob(ApiModel):
+    """A LoRA or QLoRA fine-tune of one base model on one dataset."""
+
+    api_version: Literal["lorajob.dev/v1alpha1"] = Field(default=API_VERSION)
+    kind: Literal["LoRAJob"] = Field(default=KIND)
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: LoRAJobSpec
+    status: LoRAJobStatus | None = None
+
+
+# The CEL rules keyed by the model they attach to; the CRD generator reads this.
+MODEL_RULES: dict[type[BaseModel], list[dict[str, Any]]] = {
+    BaseModelSpec: BASE_MODEL_RULES,
+    SplitSpec: SPLIT_RULES,
+    LoraSpec: LORA_RULES,
+    TrainingSpec: TRAINING_RULES,
+    ResourcesSpec: RESOURCES_RULES,
+    LoRAJobSpec: SPEC_RULES,
+}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class SpecError(ValueError):
+    """A LoRAJob that breaks a rule; `errors` holds (field path, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{path}: {msg}" if path else msg for path, msg in errors))
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """`('spec', 'lora', 'r')` → `spec.lora.r`; list indices become `[i]`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "literal[", "int", "str")) and out:
+            continue  # pydantic's union/validator tags: not part of the user's path
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _message(err: Any) -> str:
+    msg = str(err["msg"])
+    msg = msg.removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return "unknown field (not part of the schema; check its spelling)"
+    if err["type"] == "string_pattern_mismatch":
+        pattern = err.get("ctx", {}).get("pattern", "")
+        return f"{_pattern_hint(pattern)} (got {err.get('input')!r})"
+    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def _pattern_hint(pattern: str) -> str:
+    hints = {
+        MODEL_URI_PATTERN: "must be hf://org/name, s3://bucket/prefix, pvc://claim/path or file:///path",
+        DATA_URI_PATTERN: "must be s3://bucket/key, https://host/path, pvc://claim/path or file:///path",
+        OUTPUT_URI_PATTERN: "must be s3://bucket/prefix, pvc://claim/path or file:///path",
+        ENDPOINT_PATTERN: "must be an http:// or https:// URL",
+        DNS_LABEL_PATTERN: "must be a DNS label (lowercase letters, digits and '-')",
+        DNS_SUBDOMAIN_PATTERN: "must be a Kubernetes object name (lowercase, digits, '-', '.')",
+        TARGET_MODULE_PATTERN: "must be all-linear or a module name such as q_proj",
+    }
+    return hints.get(pattern, f"must match {pattern}")
+
+
+def errors_of(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Turn pydantic's errors into (field path, message) pairs a user can act on."""
+    return [(_field_path(prefix + tuple(e["loc"])), _message(e)) for e in exc.errors()]
+
+
+def parse_lorajob(obj: dict[str, Any]) -> LoRAJob:
+    """Validate a LoRAJob manifest (as a dict), raising SpecError naming every bad field."""
+    try:
+        return LoRAJob.model_validate(obj)
+    except ValidationError as exc:
+        raise SpecError(errors_of(exc)) from None
+
+
+def parse_spec(spec: dict[str, Any]) -> LoRAJobSpec:
+    """Validate just a spec (what kopf hands a handler), paths prefixed with `spec`."""
+    try:
+        return LoRAJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise SpecError(errors_of(exc, ("spec",))) from None
+
+
+def to_manifest(job: LoRAJob) -> dict[str, Any]:
+    """The job as a plain manifest: camelCase keys, unset optional fields left out."""
+    return job.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

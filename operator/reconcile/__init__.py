@@ -1,0 +1,1 @@
+"""Reconciling: kopf handlers and the status they derive from child objects."""
