@@ -1,0 +1,104 @@
+"""The contract between the operator and the trainer pod: config, exit codes, result.
+
+Both sides import this module (the trainer may import the API; never the reverse), so the
+exit-code table the trainer exits with and the Pod failure policy the operator builds from
+it cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import Field
+
+from lora_operator.api import ApiModel, LoRAJobSpec, Placement
+
+CONFIG_ENV = "LORA_TRAINER_CONFIG"
+CONFIG_DIR = "/etc/lora-trainer"
+CONFIG_KEY = "trainer.yaml"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_ENV = "LORA_TERMINATION_MESSAGE_PATH"
+RESULT_MAX_BYTES = 4096
+PROGRESS_FIELD_MANAGER = "lora-trainer"
+
+
+class ExitCode(enum.IntEnum):
+    """What the trainer's exit status means, and so what the operator does next."""
+
+    OK = 0
+    INTERNAL = 1            # unexpected error: retried within backoffLimit
+    CONFIG = 2              # permanent: the rendered config or the spec is unusable
+    DATA = 3                # permanent: dataset missing, malformed, empty or all-truncated
+    MODEL = 4               # permanent: base model missing, corrupt or unsupported
+    AUTH = 5                # permanent: credentials refused by storage or the hub
+    QUALITY_GATE = 6        # permanent: adapter did not beat the base by evaluation.minImprovement
+    OUTPUT_CONFLICT = 7     # permanent: another job's adapter is at output.uri, overwrite false
+    OUT_OF_MEMORY = 42      # escalate: CUDA out of memory; retry one VRAM class up / QLoRA
+    STORAGE = 75            # retryable: storage unreachable or failing after retries
+    PREEMPTED = 143         # retryable: SIGTERM (node drain, preemption, suspend)
+
+    @property
+    def permanent(self) -> bool:
+        return self in PERMANENT_EXIT_CODES
+
+    @property
+    def reason(self) -> str:
+        return _REASONS[self]
+
+
+PERMANENT_EXIT_CODES = frozenset({ExitCode.CONFIG, ExitCode.DATA, ExitCode.MODEL, ExitCode.AUTH,
+                                  ExitCode.QUALITY_GATE, ExitCode.OUTPUT_CONFLICT})
+_REASONS = {
+    ExitCode.OK: "Completed", ExitCode.INTERNAL: "TrainerError", ExitCode.CONFIG: "InvalidConfig",
+    ExitCode.DATA: "InvalidDataset", ExitCode.MODEL: "InvalidModel",
+    ExitCode.AUTH: "Unauthorized", ExitCode.QUALITY_GATE: "QualityGateFailed",
+    ExitCode.OUTPUT_CONFLICT: "OutputConflict", ExitCode.OUT_OF_MEMORY: "OutOfMemory",
+    ExitCode.STORAGE: "StorageUnavailable", ExitCode.PREEMPTED: "Preempted",
+}
+
+
+class JobIdentity(ApiModel):
+    """Which LoRAJob this run belongs to (checkpoints and manifests are keyed by uid)."""
+
+    name: str
+    namespace: str = "default"
+    uid: str = Field(description="The LoRAJob's metadata.uid; local runs make one up.")
+    attempt: int = Field(default=1, ge=1)
+
+
+class TrainerConfig(ApiModel):
+    """What the operator renders into the ConfigMap the trainer pod reads."""
+
+    job: JobIdentity
+    spec: LoRAJobSpec
+    placement: Placement
+    checkpoint_uri: str = Field(description="Where checkpoints go (beside the output).")
+    report_progress: bool = Field(default=True,
+                                  description="Patch LoRAJob status.progress through the API.")
+    progress_interval_seconds: float = Field(default=5.0, ge=1.0)
+
+
+class TrainerResult(ApiModel):
+    """The ≤ 4 KiB JSON the trainer writes to the termination-message path."""
+
+    exit_code: int
+    reason: str
+    message: str = ""
+    adapter_uri: str | None = None
+    manifest_uri: str | None = None
+    manifest_sha256: str | None = None
+    size_bytes: int | None = None
+    base_eval_loss: float | None = None
+    adapter_eval_loss: float | None = None
+    improvement: float | None = None
+    base_test_loss: float | None = None
+    adapter_test_loss: float | None = None
+    merged_uri: str | None = None
+    steps: int | None = None
+    train_seconds: float | None = None
+    peak_memory_gib: float | None = None
+
+
+def checkpoint_uri_for(output_uri: str, job_uid: str) -> str:
+    """Checkpoints live beside the adapter, under a prefix private to the job's uid."""
+    return output_uri.rstrip("/") + f"/.checkpoints/{job_uid}/"
