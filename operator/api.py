@@ -76,6 +76,9 @@ class ApiModel(BaseModel):
         extra="forbid",
         validate_default=True,
         use_enum_values=True,
+        # Strict like the API server: "yes" is not a bool and "5" is not an integer there,
+        # so it is not here either. Enum fields opt out (they take their string values).
+        strict=True,
     )
 
 
@@ -245,7 +248,7 @@ class DatasetSpec(ApiModel):
 
     uri: str = Field(pattern=DATA_URI_PATTERN, max_length=1024, description=(
         "Training file: .jsonl, .json or .parquet at s3://, https://, pvc://claim/path or file://."))
-    format: DatasetFormat = Field(default=DatasetFormat.AUTO, description=(
+    format: DatasetFormat = Field(default=DatasetFormat.AUTO, strict=False, description=(
         "Row format: alpaca (instruction/input/output), chat (messages), completion "
         "(prompt/completion), text, or auto to detect from the columns."))
     validation: SplitSpec = Field(
@@ -294,7 +297,7 @@ class TrainingSpec(ApiModel):
     max_steps: int | None = Field(default=None, ge=1, le=10_000_000,
                                   description="Optimizer steps to run instead of whole epochs.")
     learning_rate: float = Field(default=2.0e-4, gt=0.0, le=1.0, description="Peak learning rate.")
-    scheduler: Scheduler = Field(default=Scheduler.COSINE, description="Learning-rate schedule.")
+    scheduler: Scheduler = Field(default=Scheduler.COSINE, strict=False, description="Learning-rate schedule.")
     warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5,
                                 description="Fraction of steps spent warming the learning rate up.")
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
@@ -312,7 +315,7 @@ class TrainingSpec(ApiModel):
                                        description="Mask prompt tokens so only answers are learned.")
     gradient_checkpointing: bool = Field(default=True,
                                          description="Recompute activations to save memory.")
-    precision: Precision = Field(default=Precision.AUTO, description=(
+    precision: Precision = Field(default=Precision.AUTO, strict=False, description=(
         "Compute precision: auto picks bf16 on GPUs that support it, fp32 on CPU."))
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Random seed for data order and init.")
     eval_steps: int = Field(default=50, ge=1, le=10_000_000,
@@ -373,7 +376,7 @@ class ResourcesSpec(ApiModel):
         "GPUs on one node: auto, or 1..8 (DeepSpeed when more than 1)."))
     vram_class: str = Field(default="auto", pattern=DNS_LABEL_PATTERN, max_length=63, description=(
         "auto, or a VRAM class name from the operator's configuration (for example h100-80gb)."))
-    deepspeed: DeepSpeed = Field(default=DeepSpeed.AUTO,
+    deepspeed: DeepSpeed = Field(default=DeepSpeed.AUTO, strict=False,
                                  description="auto, none, zero2, zero3 or zero3-offload.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32,
                                           description="Extra tolerations for the trainer pod.")
@@ -447,7 +450,7 @@ class LoRAJobSpec(ApiModel):
     base_model: BaseModelSpec = Field(
         description="The model to adapt.")
     dataset: DatasetSpec = Field(description="Training data and its held-out splits.")
-    method: Method = Field(default=Method.AUTO, description=(
+    method: Method = Field(default=Method.AUTO, strict=False, description=(
         "lora, qlora (4-bit NF4 base), or auto: lora if it fits a configured GPU, else qlora."))
     lora: LoraSpec = Field(default_factory=LoraSpec, description="The adapter's shape.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation.")
@@ -546,7 +549,7 @@ class Cost(ApiModel):
 class LoRAJobStatus(ApiModel):
     """What the controller saw."""
 
-    phase: Phase | None = Field(default=None, description="Lifecycle phase.")
+    phase: Phase | None = Field(default=None, strict=False, description="Lifecycle phase.")
     conditions: list[Condition] = Field(default_factory=list, description="Current conditions.")
     observed_generation: int | None = Field(default=None,
                                             description="Spec generation last acted on.")
@@ -576,8 +579,8 @@ class ObjectMeta(BaseModel):
 class LoRAJob(ApiModel):
     """A LoRA or QLoRA fine-tune of one base model on one dataset."""
 
-    api_version: Literal["lorajob.dev/v1alpha1"] = Field(default=API_VERSION)
-    kind: Literal["LoRAJob"] = Field(default=KIND)
+    api_version: Literal["lorajob.dev/v1alpha1"] = "lorajob.dev/v1alpha1"
+    kind: Literal["LoRAJob"] = "LoRAJob"
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: LoRAJobSpec
     status: LoRAJobStatus | None = None
