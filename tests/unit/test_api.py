@@ -13,8 +13,8 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from lora_operator import api, crd
 
+from lora_operator import api, crd
 from tests.cases import INVALID, Invalid, patched, valid_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
