@@ -1,0 +1,47 @@
+"""The trainer's configuration as a ConfigMap: spec + resolved placement + job identity.
+
+The trainer never re-plans: it reads what the operator decided (method, class, GPUs,
+DeepSpeed stage) from this file, so the two cannot disagree. The ConfigMap carries the
+current attempt's placement; an out-of-memory retry rewrites it before the next Job exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from lora_operator import api, contract
+from lora_operator.build import names
+from lora_operator.settings import Settings
+
+
+def trainer_config(owner: names.Owner, spec: api.LoRAJobSpec, placement: api.Placement,
+                   attempt: int, settings: Settings) -> contract.TrainerConfig:
+    """The typed config the trainer pod of `attempt` runs with."""
+    return contract.TrainerConfig(
+        job=contract.JobIdentity(name=owner.name, namespace=owner.namespace, uid=owner.uid,
+                                 attempt=attempt),
+        spec=spec,
+        placement=placement,
+        checkpoint_uri=contract.checkpoint_uri_for(spec.output.uri, owner.uid),
+        report_progress=True,
+        progress_interval_seconds=settings.progress_interval_seconds,
+    )
+
+
+def render(config: contract.TrainerConfig) -> str:
+    """YAML with camelCase keys, the same shape as a LoRAJob manifest's fields."""
+    data = config.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def config_map(owner: names.Owner, config: contract.TrainerConfig) -> dict[str, Any]:
+    """The ConfigMap mounted at `contract.CONFIG_DIR` in the trainer pod."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": names.metadata(owner, names.trainer_name(owner.name),
+                                   attempt=config.job.attempt),
+        "data": {contract.CONFIG_KEY: render(config)},
+    }
