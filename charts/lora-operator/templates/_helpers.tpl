@@ -1,0 +1,108 @@
+{{/* Names and labels shared by every template. */}}
+{{- define "lora-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lora-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if contains (include "lora-operator.name" .) .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "lora-operator.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "lora-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lora-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "lora-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "lora-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: lora-operator
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "lora-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "lora-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "lora-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "lora-operator.trainerImage" -}}
+{{- $t := .Values.config.trainerImage }}
+{{- printf "%s:%s" $t.repository (default .Chart.AppVersion $t.tag) }}
+{{- end }}
+
+{{/* The kopf peering object's name (used only when replicaCount > 1). */}}
+{{- define "lora-operator.peering" -}}
+{{- include "lora-operator.fullname" . }}
+{{- end }}
+
+{{/* The operator's configuration file (operator/settings.py), rendered from .Values.config. */}}
+{{- define "lora-operator.config" -}}
+{{- $c := .Values.config -}}
+vramClasses:
+{{ toYaml $c.vramClasses }}
+safetyMargin: {{ $c.safetyMargin }}
+trainerImage: {{ include "lora-operator.trainerImage" . | quote }}
+trainerCommand:
+{{ toYaml $c.trainerCommand }}
+trainerCpu: {{ $c.trainerCpu | quote }}
+trainerMemory: {{ $c.trainerMemory | quote }}
+{{- with $c.s3Endpoint }}
+s3Endpoint: {{ . | quote }}
+{{- end }}
+s3Region: {{ $c.s3Region | quote }}
+{{- with $c.s3CredentialsSecret }}
+s3CredentialsSecret: {{ . | quote }}
+{{- end }}
+namespaces:
+{{- if .Values.watchNamespaces }}
+{{ toYaml .Values.watchNamespaces }}
+{{- else }} []
+{{- end }}
+maxWorkers: {{ $c.maxWorkers }}
+progressIntervalSeconds: {{ $c.progressIntervalSeconds }}
+allowLocalUris: {{ $c.allowLocalUris }}
+{{- end }}
+
+{{/* RBAC rules on namespaced objects: in a ClusterRole (all namespaces) or a Role per
+watched namespace. lorajobs/status get+patch is also what lets the operator create each
+job's Role (RBAC escalation check). */}}
+{{- define "lora-operator.namespacedRules" -}}
+- apiGroups: [lorajob.dev]
+  resources: [lorajobs]
+  verbs: [get, list, watch, patch, update, delete]
+- apiGroups: [lorajob.dev]
+  resources: [lorajobs/status]
+  verbs: [get, patch, update]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [""]
+  resources: [configmaps, serviceaccounts]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
