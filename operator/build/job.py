@@ -170,11 +170,22 @@ def volumes(owner: names.Owner) -> tuple[list[dict[str, Any]], list[dict[str, An
     return vols, mounts
 
 
-def pod_annotations(owner: names.Owner) -> dict[str, str]:
-    """Test/dev hook: `kwok.lorajob.dev/*` annotations of the LoRAJob, copied to the pod."""
+def pod_annotations(owner: names.Owner, attempt: int = 1) -> dict[str, str]:
+    """Test/dev hook: `kwok.lorajob.dev/*` annotations of the LoRAJob, copied to the pod.
+
+    `kwok.lorajob.dev/attempt-<N>.<key>` applies to attempt N only, as `kwok.lorajob.dev/<key>`
+    (so a test can make attempt 1 run out of memory and attempt 2 succeed). No kubelet reads
+    these; they only steer the local cluster's simulated pods.
+    """
+    prefix = names.KWOK_ANNOTATION_PREFIX
+    mine = f"{prefix}attempt-{attempt}."
     out = {"kubectl.kubernetes.io/default-container": CONTAINER}
-    out.update({k: v for k, v in owner.annotations.items()
-                if k.startswith(names.KWOK_ANNOTATION_PREFIX)})
+    for key, value in owner.annotations.items():
+        if key.startswith(prefix) and not key.startswith(f"{prefix}attempt-"):
+            out[key] = value
+    for key, value in owner.annotations.items():
+        if key.startswith(mine):
+            out[prefix + key.removeprefix(mine)] = value
     return out
 
 
@@ -255,7 +266,8 @@ def build_job(owner: names.Owner, spec: api.LoRAJobSpec, inputs: JobInputs,
         "podFailurePolicy": pod_failure_policy(),
         "podReplacementPolicy": "Failed",
         "template": {
-            "metadata": {"labels": pod_labels, "annotations": pod_annotations(owner)},
+            "metadata": {"labels": pod_labels,
+                         "annotations": pod_annotations(owner, inputs.attempt)},
             "spec": pod_spec,
         },
     }

@@ -72,7 +72,7 @@ def restricted_violations(spec: dict[str, Any]) -> list[str]:
             bad.append("capabilities.drop ALL")
         if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
             bad.append("capabilities.add")
-        if not (sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True):
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
             bad.append("runAsNonRoot")
         if sc.get("runAsUser", psc.get("runAsUser")) == 0:
             bad.append("runAsUser 0")
@@ -240,6 +240,16 @@ def test_kwok_annotations_copied_to_pod_only() -> None:
     ann = build()["spec"]["template"]["metadata"]["annotations"]
     assert ann["kwok.lorajob.dev/exit-code"] == "0"
     assert "other/annotation" not in ann
+
+
+def test_per_attempt_kwok_annotations() -> None:
+    owner = names.Owner(name="bot", namespace="ml", uid="u", annotations={
+        "kwok.lorajob.dev/exit-code": "42", "kwok.lorajob.dev/attempt-2.exit-code": "0"})
+    first = build(owner=owner)["spec"]["template"]["metadata"]["annotations"]
+    second = build(owner=owner, attempt=2)["spec"]["template"]["metadata"]["annotations"]
+    assert first["kwok.lorajob.dev/exit-code"] == "42"
+    assert second["kwok.lorajob.dev/exit-code"] == "0"
+    assert not any("attempt-" in k for k in first | second)
 
 
 def test_kueue_label_and_suspend() -> None:

@@ -1,0 +1,58 @@
+"""Prometheus metrics of the operator, served on `--metrics-port` (path /metrics).
+
+Names follow Prometheus conventions (`_total` counters, `_seconds` histograms). The phase
+gauge is computed from the operator's in-memory view of every LoRAJob it watches, so it is
+correct right after a restart without replaying history.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from lora_operator import api
+
+JOBS_BY_PHASE = Gauge("lora_operator_lorajobs", "LoRAJobs by phase (as the operator sees them).",
+                      ["phase"])
+RECONCILE_SECONDS = Histogram(
+    "lora_operator_reconcile_duration_seconds", "Time to reconcile one LoRAJob.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+RECONCILE_ERRORS = Counter("lora_operator_reconcile_errors_total",
+                           "Reconciles that raised, by exception type.", ["error"])
+JOBS_CREATED = Counter("lora_operator_trainer_jobs_created_total",
+                       "Trainer Jobs created (one per attempt).")
+ESCALATIONS = Counter("lora_operator_oom_escalations_total",
+                      "Out-of-memory attempts re-planned one VRAM class up.")
+TTL_DELETIONS = Counter("lora_operator_ttl_deletions_total",
+                        "Finished LoRAJobs deleted by runPolicy.ttlSecondsAfterFinished.")
+TRANSITIONS = Counter("lora_operator_phase_transitions_total",
+                      "LoRAJob phase transitions, by the phase entered.", ["phase"])
+
+_lock = threading.Lock()
+_phases: dict[tuple[str, str], str] = {}
+
+
+def _publish() -> None:
+    counts = collections.Counter(_phases.values())
+    for phase in api.Phase:
+        JOBS_BY_PHASE.labels(phase=phase.value).set(counts.get(phase.value, 0))
+
+
+def observe_phase(key: tuple[str, str], phase: str | None) -> None:
+    """Record the phase of one LoRAJob (None: forget it, it was deleted)."""
+    with _lock:
+        if phase is None:
+            _phases.pop(key, None)
+        elif _phases.get(key) == phase:
+            return
+        else:
+            _phases[key] = phase
+        _publish()
+
+
+def serve(port: int) -> None:
+    """Start the /metrics HTTP server in a background thread (0 disables it)."""
+    if port:
+        start_http_server(port)

@@ -1,0 +1,436 @@
+"""The reconcile loop: gather a LoRAJob's children, act, and write the derived status.
+
+Level-triggered, like a controller-runtime reconciler: every watch event of a LoRAJob, of
+one of its Jobs or of one of its pods calls `Controller.reconcile(namespace, name)`, which
+looks at the whole current state and moves it one step on. Events for the same LoRAJob
+are serialised by a per-job lock and coalesced (a reconcile waiting for the lock serves
+every event that arrives meanwhile). Nothing is remembered that the cluster does not also
+hold, except caches: restart the operator at any moment and it continues where it was.
+
+What it does, in order:
+1. finished job → (re)schedule its TTL deletion, nothing else;
+2. no placement yet → validate the spec, plan through the estimator, write the placement
+   (or Fail at once with the reason and memory breakdown);
+3. no Job for the current attempt → create ServiceAccount, Role, RoleBinding, ConfigMap,
+   then the Job, all by deterministic name (409 = adopt);
+4. keep Job.spec.suspend in line with runPolicy.suspend (never unsuspending a Kueue job);
+5. a completed Job → verify the manifest in storage;
+6. derive the status (`status.derive_status`), patch it (optimistic concurrency), post
+   Events; after out-of-memory, re-plan one class up and start the next attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+from lora_operator import api, contract, metrics
+from lora_operator.build import config_map, job, names, rbac
+from lora_operator.reconcile import planning
+from lora_operator.reconcile.kube import Kube, head_manifest
+from lora_operator.reconcile.status import (
+    Derived,
+    Event,
+    ManifestCheck,
+    derive_status,
+    failed_patch,
+    parse_result,
+    parse_time,
+    planned_patch,
+    trainer_state,
+    ttl_deadline,
+)
+from lora_operator.settings import Settings
+
+log = logging.getLogger("lora_operator.controller")
+T = TypeVar("T")
+Key = tuple[str, str]
+Obj = Mapping[str, Any]
+EventPoster = Callable[[Obj, Event], None]
+RETRY_SECONDS = 15.0
+
+
+def _rv(obj: Obj | None) -> int:
+    try:
+        return int(((obj or {}).get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+def _newest(*objs: Obj | None) -> Obj | None:
+    """The freshest of several copies of one object (watch cache vs our own writes)."""
+    present = [o for o in objs if o]
+    return max(present, key=_rv) if present else None
+
+
+def local_uri_problem(spec: api.LoRAJobSpec, settings: Settings) -> str | None:
+    """file:// URIs name the operator's or a node's disk: refused unless allowLocalUris."""
+    if settings.allow_local_uris:
+        return None
+    uris = {"spec.baseModel.uri": spec.base_model.uri, "spec.dataset.uri": spec.dataset.uri,
+            "spec.output.uri": spec.output.uri}
+    bad = [path for path, uri in uris.items() if uri.startswith("file://")]
+    if not bad:
+        return None
+    return (f"{', '.join(bad)}: file:// URIs are only for local runs (lora-trainer run); "
+            "the operator's settings have allowLocalUris false")
+
+
+class View(Protocol):
+    """Read access to what the watches saw, keyed by the LoRAJob's (namespace, name)."""
+
+    def lorajob(self, key: Key) -> Obj | None: ...
+    def jobs(self, key: Key) -> dict[str, Obj]: ...
+    def pods(self, key: Key) -> list[Obj]: ...
+
+
+class DictView:
+    """A View over plain dicts (tests, or a caller feeding it by hand)."""
+
+    def __init__(self) -> None:
+        self.lorajobs: dict[Key, Obj] = {}
+        self.job_map: dict[Key, dict[str, Obj]] = {}
+        self.pod_map: dict[Key, dict[str, Obj]] = {}
+
+    def lorajob(self, key: Key) -> Obj | None:
+        return self.lorajobs.get(key)
+
+    def jobs(self, key: Key) -> dict[str, Obj]:
+        return dict(self.job_map.get(key) or {})
+
+    def pods(self, key: Key) -> list[Obj]:
+        return list((self.pod_map.get(key) or {}).values())
+
+
+class Controller:
+    """Holds the operator-wide state: settings, API clients, caches and timers."""
+
+    def __init__(self, settings: Settings, kube: Kube,
+                 executor: concurrent.futures.Executor | None = None,
+                 post_event: EventPoster | None = None, view: View | None = None) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(settings.max_workers)
+        self.post_event = post_event or (lambda body, ev: None)
+        # What the watches saw (kopf indexes in the operator, dicts in tests).
+        self.view: View = view or DictView()
+        self._written: dict[Key, Obj] = {}  # our latest status patch responses
+        self._jobs_written: dict[tuple[Key, str], Obj] = {}  # Jobs we created or patched
+        self._locks: dict[Key, asyncio.Lock] = {}
+        self._waiting: set[Key] = set()
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
+        self._manifests: dict[tuple[str, int], ManifestCheck] = {}
+
+    # ------------------------------------------------------------------ watch feed
+
+    def forget(self, key: Key) -> None:
+        """The LoRAJob is gone: drop our caches and timers (its children follow via GC)."""
+        self._written.pop(key, None)
+        for jk in [jk for jk in self._jobs_written if jk[0] == key]:
+            del self._jobs_written[jk]
+        timer = self._timers.pop(key, None)
+        if timer:
+            timer.cancel()
+        metrics.observe_phase(key, None)
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+    def _lorajob(self, key: Key) -> Obj | None:
+        return _newest(self.view.lorajob(key), self._written.get(key))
+
+    def _job(self, key: Key, attempt: int) -> Obj | None:
+        name = names.job_name(key[1], attempt)
+        return _newest(self.view.jobs(key).get(name), self._jobs_written.get((key, name)))
+
+    def _emit(self, body: Obj, events: list[Event]) -> None:
+        for ev in events:
+            try:
+                self.post_event(body, ev)
+            except Exception:  # an Event is a courtesy; never fail a reconcile for it
+                log.exception("could not post event %s", ev.reason)
+
+    async def _patch(self, key: Key, body: Obj, patch: dict[str, Any]) -> Obj | None:
+        """Patch status guarded by the resourceVersion we derived it from."""
+        rv = (body.get("metadata") or {}).get("resourceVersion")
+        out = await self._io(self.kube.patch_status, key[0], key[1], patch, rv)
+        if out is not None:
+            self._written[key] = out
+            phase = (out.get("status") or {}).get("phase")
+            if phase and phase != (body.get("status") or {}).get("phase"):
+                metrics.TRANSITIONS.labels(phase=phase).inc()
+            metrics.observe_phase(key, phase)
+        return out
+
+    async def _refresh(self, key: Key) -> Obj | None:
+        fresh = await self._io(self.kube.read_lorajob, key[0], key[1])
+        if fresh is None:
+            return None
+        self._written[key] = fresh
+        return fresh
+
+    # ------------------------------------------------------------------ the loop
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        """Bring one LoRAJob one step closer to done (see the module docstring)."""
+        key = (namespace, name)
+        if key in self._waiting:
+            return  # a reconcile is already queued and will see this event's state
+        self._waiting.add(key)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            self._waiting.discard(key)
+            started = time.monotonic()
+            try:
+                for _ in range(5):  # a conflict means someone wrote first: derive again
+                    if not await self._reconcile_once(key):
+                        break
+            except Exception as exc:
+                metrics.RECONCILE_ERRORS.labels(error=type(exc).__name__).inc()
+                log.exception("reconcile of %s/%s failed; retrying in %ss", *key, RETRY_SECONDS)
+                self.requeue(key, RETRY_SECONDS)
+            finally:
+                metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        if self.view.lorajob(key) is None:
+            self._locks.pop(key, None)
+
+    async def _reconcile_once(self, key: Key) -> bool:
+        """One pass; True when it should run again at once (conflict or a new attempt)."""
+        body = self._lorajob(key)
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            return False
+        status = body.get("status") or {}
+        if status.get("phase") in (api.Phase.SUCCEEDED.value, api.Phase.FAILED.value):
+            self.schedule_ttl(key, body)
+            return False
+
+        try:
+            spec = api.parse_spec(dict(body.get("spec") or {}))
+        except api.SpecError as exc:
+            return await self._fail(key, body, "InvalidSpec", str(exc), planning=True)
+        problem = local_uri_problem(spec, self.settings)
+        if problem:
+            return await self._fail(key, body, "LocalURIRefused", problem, planning=True)
+
+        if not status.get("placement"):
+            return await self._plan(key, body, spec)
+
+        owner = names.Owner.from_body(body)
+        attempt = int(status.get("attempts") or 1)
+        current = self._job(key, attempt)
+        if current is None:
+            current = await self._start_attempt(key, body, spec, owner, attempt)
+        else:
+            current = await self._sync_suspend(key, owner, current, spec)
+
+        pods = self.view.pods(key)
+        manifest = await self._manifest(key, body, spec, current, pods, attempt)
+        derived = derive_status(body, current, pods, self.settings, manifest=manifest)
+        if derived.escalate:
+            return await self._escalate(key, body, spec, attempt)
+        return await self._apply(key, body, derived)
+
+    async def _apply(self, key: Key, body: Obj, derived: Derived) -> bool:
+        if derived.patch:
+            out = await self._patch(key, body, derived.patch)
+            if out is None:
+                return await self._refresh(key) is not None
+            self._emit(out, derived.events)
+            body = out
+        if derived.phase == api.Phase.UPLOADING and "VerifyingManifest" in str(
+                (body.get("status") or {}).get("conditions")):
+            self.requeue(key, RETRY_SECONDS)
+        if derived.phase.finished:
+            self.schedule_ttl(key, body)
+        return False
+
+    async def _fail(self, key: Key, body: Obj, reason: str, message: str,
+                    planning: bool = False) -> bool:
+        out = await self._patch(key, body, failed_patch(body, reason, message, planning=planning))
+        if out is None:
+            return await self._refresh(key) is not None
+        self._emit(out, [Event("Warning", reason, message)])
+        self.schedule_ttl(key, out)
+        return False
+
+    async def _plan(self, key: Key, body: Obj, spec: api.LoRAJobSpec) -> bool:
+        outcome = await self._io(planning.plan, spec, self.settings)
+        if outcome.placement is None:
+            if outcome.retryable:
+                log.warning("planning %s/%s: %s; retrying", *key, outcome.message)
+                self.requeue(key, RETRY_SECONDS)
+                return False
+            return await self._fail(key, body, outcome.reason, outcome.message, planning=True)
+        patch = planned_patch(body, outcome.placement)
+        out = await self._patch(key, body, patch)
+        if out is None:
+            return await self._refresh(key) is not None
+        self._emit(out, [Event("Normal", "Planned", f"{patch['message']}"
+                               f"{' (' + outcome.message + ')' if outcome.message else ''}")])
+        return True  # go on and create the Job in the same reconcile
+
+    async def _escalate(self, key: Key, body: Obj, spec: api.LoRAJobSpec, attempt: int) -> bool:
+        outcome = await self._io(planning.escalate, spec, self.settings, attempt)
+        if outcome.placement is None:
+            if outcome.retryable:
+                self.requeue(key, RETRY_SECONDS)
+                return False
+            return await self._fail(key, body, "OutOfMemory", outcome.message)
+        old = (body.get("status") or {}).get("placement") or {}
+        msg = (f"attempt {attempt} ran out of GPU memory on {old.get('vramClass')} "
+               f"({old.get('method')}); attempt {attempt + 1}: "
+               f"{outcome.placement.method} on {outcome.placement.vram_class} × "
+               f"{outcome.placement.gpus} GPU")
+        out = await self._patch(key, body, planned_patch(body, outcome.placement,
+                                                         attempts=attempt + 1, message=msg))
+        if out is None:
+            return await self._refresh(key) is not None
+        metrics.ESCALATIONS.inc()
+        self._emit(out, [Event("Warning", "OutOfMemory", msg)])
+        return True
+
+    # ------------------------------------------------------------------ children
+
+    def _deadline(self, body: Obj, spec: api.LoRAJobSpec, attempt: int) -> int | None:
+        """activeDeadlineSeconds of this attempt: what is left of the job's deadline."""
+        deadline = spec.run_policy.active_deadline_seconds
+        if deadline is None or attempt == 1:
+            return deadline
+        created = parse_time((body.get("metadata") or {}).get("creationTimestamp"))
+        if created is None:
+            return deadline
+        spent = int((dt.datetime.now(dt.UTC) - created).total_seconds())
+        return max(1, deadline - spent)
+
+    async def _start_attempt(self, key: Key, body: Obj, spec: api.LoRAJobSpec,
+                             owner: names.Owner, attempt: int) -> Obj | None:
+        status = body.get("status") or {}
+        placement = api.Placement.model_validate(status.get("placement") or {})
+        vram_class = planning.vram_class_for(placement, self.settings)
+        cfg = config_map.trainer_config(owner, spec, placement, attempt, self.settings)
+        for child in (rbac.service_account(owner), rbac.role(owner), rbac.role_binding(owner)):
+            await self._io(self.kube.create, child)
+        await self._io(self.kube.replace_config_map_data, config_map.config_map(owner, cfg))
+        inputs = job.JobInputs(
+            attempt=attempt, placement=placement, vram_class=vram_class,
+            spec_hash=job.spec_hash(dict(body.get("spec") or {})),
+            suspend=spec.run_policy.suspend or owner.queue_name is not None,
+            backoff_limit=max(0, spec.run_policy.backoff_limit - (attempt - 1)),
+            active_deadline_seconds=self._deadline(body, spec, attempt))
+        manifest = job.build_job(owner, spec, inputs, self.settings)
+        created = await self._io(self.kube.create, manifest)
+        if created is None:  # it was there already (restart, or a racing replica): adopt it
+            created = await self._io(self.kube.read_job, owner.namespace,
+                                     manifest["metadata"]["name"])
+        else:
+            metrics.JOBS_CREATED.inc()
+            log.info("created Job %s/%s (attempt %d)", owner.namespace,
+                     manifest["metadata"]["name"], attempt)
+        if created is not None:
+            self._jobs_written[(key, manifest["metadata"]["name"])] = created
+        return created
+
+    async def _sync_suspend(self, key: Key, owner: names.Owner, current: Obj,
+                            spec: api.LoRAJobSpec) -> Obj:
+        """runPolicy.suspend → Job.spec.suspend; a Kueue job is only ever suspended here,
+        never unsuspended (admission is Kueue's decision)."""
+        conditions = (current.get("status") or {}).get("conditions") or []
+        if any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+               for c in conditions):
+            return current
+        want = spec.run_policy.suspend
+        is_suspended = bool((current.get("spec") or {}).get("suspend"))
+        if want == is_suspended or (not want and owner.queue_name):
+            return current
+        name = (current.get("metadata") or {}).get("name") or ""
+        updated = await self._io(self.kube.set_job_suspend, owner.namespace, name, want)
+        self._jobs_written[(key, name)] = updated
+        return updated
+
+    async def _manifest(self, key: Key, body: Obj, spec: api.LoRAJobSpec, current: Obj | None,
+                        pods: list[Obj], attempt: int) -> ManifestCheck | None:
+        """Check the adapter's manifest once the Job completed (cached per attempt)."""
+        conditions = ((current or {}).get("status") or {}).get("conditions") or []
+        if not any(c.get("type") == "Complete" and c.get("status") == "True" for c in conditions):
+            return None
+        uid = (body.get("metadata") or {}).get("uid") or ""
+        cached = self._manifests.get((uid, attempt))
+        if cached is not None:
+            return cached
+        result = None
+        for pod in pods:
+            if (pod.get("status") or {}).get("phase") == "Succeeded":
+                term = trainer_state(pod).get("terminated") or {}
+                result = parse_result(term.get("message"))[0] or result
+        check = await self._io(self.check_manifest, spec, result)
+        if check.verified is not None:
+            self._manifests[(uid, attempt)] = check
+        return check
+
+    def check_manifest(self, spec: api.LoRAJobSpec,
+                       result: contract.TrainerResult | None) -> ManifestCheck:
+        """Is the manifest the trainer reported really in storage?
+
+        With the operator's default credentials the operator HEADs it itself. A job that
+        names its own credentials Secret is taken on the trainer's checksum report: the
+        operator never reads a job's secrets.
+        """
+        if result is None:
+            return ManifestCheck(None, "no result yet")
+        uri = result.manifest_uri
+        if not uri:
+            return ManifestCheck(False, "the trainer reported success without a manifest")
+        if spec.output.credentials_secret:
+            return ManifestCheck(True, f"manifest {uri} verified by the trainer's checksum "
+                                       f"report (sha256 {result.manifest_sha256 or 'n/a'}); "
+                                       "the operator does not read the job's own credentials")
+        if not uri.startswith("s3://"):
+            return ManifestCheck(True, f"manifest {uri} reported by the trainer (not reachable "
+                                       "from the operator)")
+        endpoint = spec.output.endpoint or self.settings.s3_endpoint
+        return head_manifest(uri, endpoint, spec.output.region or self.settings.s3_region)
+
+    # ------------------------------------------------------------------ timers
+
+    def requeue(self, key: Key, delay: float) -> None:
+        """Reconcile again after `delay` seconds (replacing an earlier timer for the key)."""
+        self._set_timer(key, delay, lambda: asyncio.ensure_future(self.reconcile(*key)))
+
+    def _set_timer(self, key: Key, delay: float, fn: Callable[[], object]) -> None:
+        loop = asyncio.get_running_loop()
+        old = self._timers.pop(key, None)
+        if old:
+            old.cancel()
+        self._timers[key] = loop.call_later(max(0.0, delay), fn)
+
+    def schedule_ttl(self, key: Key, body: Obj) -> None:
+        """One timer per finished LoRAJob, firing when its TTL ends: no polling at all, so
+        thousands of finished jobs cost nothing while they wait."""
+        due = ttl_deadline(body)
+        if due is None:
+            return
+        delay = (due - dt.datetime.now(dt.UTC)).total_seconds()
+        self._set_timer(key, delay, lambda: asyncio.ensure_future(self._expire(key)))
+
+    async def _expire(self, key: Key) -> None:
+        self._timers.pop(key, None)
+        body = self._lorajob(key)
+        due = ttl_deadline(body) if body else None
+        if body is None or due is None:
+            return
+        if due > dt.datetime.now(dt.UTC):
+            self.schedule_ttl(key, body)
+            return
+        uid = (body.get("metadata") or {}).get("uid") or ""
+        if await self._io(self.kube.delete_lorajob, key[0], key[1], uid):
+            metrics.TTL_DELETIONS.inc()
+            log.info("deleted %s/%s: ttlSecondsAfterFinished passed", *key)
