@@ -285,7 +285,7 @@ class LoraSpec(ApiModel):
         return self
 
 
-LORA_RULES = [cel("!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+LORA_RULES = [cel("!has(self.targetModules) || !('all-linear' in self.targetModules) || size(self.targetModules) == 1",
                   "all-linear cannot be combined with other names", field_path=".targetModules")]
 
 
@@ -394,7 +394,8 @@ class ResourcesSpec(ApiModel):
 
 
 RESOURCES_RULES = [
-    cel("!(type(self.gpus) == int && self.gpus > 1 && self.deepspeed == 'none')",
+    cel("!(has(self.gpus) && has(self.deepspeed) && type(self.gpus) == int && self.gpus > 1 "
+        "&& self.deepspeed == 'none')",
         "gpus > 1 needs deepspeed auto, zero2, zero3 or zero3-offload", field_path=".deepspeed"),
 ]
 
@@ -472,7 +473,8 @@ class LoRAJobSpec(ApiModel):
 
 
 SPEC_RULES = [
-    cel("!(self.output.merge && self.method == 'qlora' && self.training.precision == 'fp16')",
+    cel("!(has(self.output.merge) && self.output.merge && has(self.method) && self.method == 'qlora' "
+        "&& has(self.training) && has(self.training.precision) && self.training.precision == 'fp16')",
         "output.merge with method qlora merges into a bf16 base; "
         "training.precision must be auto or bf16", field_path=".training.precision"),
 ]
