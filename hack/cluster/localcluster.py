@@ -180,88 +180,47 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def ensure_pki(p: Paths) -> None:
-    """CA, serving and client certificates, and the ServiceAccount signing key pair."""
-    pki = p.pki
-    if (pki / "done").exists():
+def _ca(pki: Path, name: str, cn: str) -> None:
+    if not (pki / f"{name}.crt").exists():
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.crt", "-days", "3650", "-subj", f"/CN={cn}", cwd=pki)  # fmt: skip
+
+
+def _cert(pki: Path, name: str, ca: str, subject: str, ext: str) -> None:
+    if (pki / f"{name}.crt").exists():
         return
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", subject, cwd=pki)  # fmt: skip
+    (pki / f"{name}.ext").write_text(ext + "\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-days", "3650", "-out", f"{name}.crt", "-extfile", f"{name}.ext",
+             cwd=pki)  # fmt: skip
+
+
+def ensure_pki(p: Paths) -> None:
+    """CAs, serving and client certificates, the ServiceAccount signing key pair (openssl).
+
+    Only missing files are made, so an existing .cluster/pki is kept as it is.
+    """
+    pki = p.pki
     pki.mkdir(parents=True, exist_ok=True)
-    log("generating certificates in .cluster/pki")
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "3650",
-        "-subj",
-        "/CN=lora-local-cluster-ca",
-        cwd=pki,
-    )
-    san = ",".join(
-        [
-            "IP:127.0.0.1",
-            f"IP:{SERVICE_IP}",
-            "DNS:localhost",
-            "DNS:kubernetes",
-            "DNS:kubernetes.default",
-            "DNS:kubernetes.default.svc",
-            "DNS:kubernetes.default.svc.cluster.local",
-        ]
-    )
-    certs = {
-        # name: (subject, extensions)
-        "apiserver": ("/CN=kube-apiserver", f"subjectAltName={san}\nextendedKeyUsage=serverAuth"),
-        "admin": ("/O=system:masters/CN=kubernetes-admin", "extendedKeyUsage=clientAuth"),
-        "controller-manager": ("/CN=system:kube-controller-manager", "extendedKeyUsage=clientAuth"),
-        "scheduler": ("/CN=system:kube-scheduler", "extendedKeyUsage=clientAuth"),
-        "kwok": ("/O=system:masters/CN=kwok", "extendedKeyUsage=clientAuth"),
-        "apiserver-kubelet-client": (
-            "/O=system:masters/CN=kube-apiserver-kubelet-client",
-            "extendedKeyUsage=clientAuth",
-        ),
-    }
-    for name, (subject, ext) in certs.items():
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            subject,
-            cwd=pki,
-        )
-        (pki / f"{name}.ext").write_text(ext + "\n")
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "3650",
-            "-out",
-            f"{name}.crt",
-            "-extfile",
-            f"{name}.ext",
-            cwd=pki,
-        )
-    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
-    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
-    (pki / "done").write_text("ok\n")
+    san = ",".join(["IP:127.0.0.1", f"IP:{SERVICE_IP}", "DNS:localhost", "DNS:kubernetes",
+                    "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
+                    "DNS:kubernetes.default.svc.cluster.local"])  # fmt: skip
+    client = "extendedKeyUsage=clientAuth"
+    _ca(pki, "ca", "lora-local-cluster-ca")
+    _cert(pki, "apiserver", "ca", "/CN=kube-apiserver", f"subjectAltName={san}\nextendedKeyUsage=serverAuth")
+    _cert(pki, "admin", "ca", "/O=system:masters/CN=kubernetes-admin", client)
+    _cert(pki, "controller-manager", "ca", "/CN=system:kube-controller-manager", client)
+    _cert(pki, "scheduler", "ca", "/CN=system:kube-scheduler", client)
+    _cert(pki, "kwok", "ca", "/O=system:masters/CN=kwok", client)
+    _cert(pki, "apiserver-kubelet-client", "ca", "/O=system:masters/CN=kube-apiserver-kubelet-client", client)
+    # Front proxy (request-header authentication, as for aggregated API servers).
+    _ca(pki, "front-proxy-ca", "lora-local-front-proxy-ca")
+    _cert(pki, "front-proxy-client", "front-proxy-ca", "/CN=front-proxy-client", client)
+    if not (pki / "sa.pub").exists():
+        _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
 
 def write_kubeconfig(p: Paths, path: Path, server: str, user: str) -> None:
@@ -430,9 +389,10 @@ def stop(p: Paths | None = None, purge: bool = True) -> None:
         while _alive(pid, start) and time.monotonic() < deadline:
             time.sleep(0.1)
         if _alive(pid, start):
-            log(f"{name} (pid {pid}) ignored SIGTERM; killing")
+            log(f"{name} (pid {pid}) still running {deadline - t0:.0f}s after SIGTERM; sending SIGKILL")
             _signal_group(pid, signal.SIGKILL)
-    leftovers = _state_processes(p)  # anything else started for this state dir
+    recorded = {pid for pid, _ in pids.values()}
+    leftovers = [x for x in _state_processes(p) if x not in recorded]  # e.g. from a lost pids file
     for pid in leftovers:
         log(f"killing leftover pid {pid}")
         _signal_group(pid, signal.SIGKILL)
@@ -781,6 +741,13 @@ def _start_all(p: Paths, bin_dir: Path, ports: dict[str, int], creds: dict[str, 
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC",
             # The default plugins (NamespaceLifecycle, ServiceAccount, PodSecurity, ...) plus:

@@ -5,8 +5,7 @@
 # Writes .cluster/kubeconfig and .cluster/env; logs go to .cluster/logs/<name>.log.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-T0=$(date +%s.%N)
+T0=$(date +%s%N)
+trap 'echo "cluster-up took $(awk -v a="$T0" -v b="$(date +%s%N)" "BEGIN{printf \"%.1f\", (b-a)/1e9}") s" >&2' EXIT
 BIN="$(bash "$HERE/build.sh")"
 "$BIN/../venv/bin/python" "$HERE/localcluster.py" up "$BIN"
-python3 -c "import sys; print(f'cluster-up took {float(sys.argv[2]) - float(sys.argv[1]):.1f} s')" \
-  "$T0" "$(date +%s.%N)"

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -267,3 +268,30 @@ def test_env_file_matches_fixture(local_cluster: ClusterInfo) -> None:
     text = (local_cluster.state_dir / "env").read_text()
     for k, v in local_cluster.env.items():
         assert f"export {k}={json.dumps(v)}" in text
+
+
+def test_serviceaccount_tokens_and_root_ca(local_cluster: ClusterInfo, namespace: str) -> None:
+    token = local_cluster.kubectl_run("create", "token", "default", "-n", namespace).stdout.strip()
+    assert token.count(".") == 2  # a signed JWT from the TokenRequest API
+    out = subprocess.run(
+        [str(local_cluster.kubectl), "--kubeconfig=/dev/null", "--server", local_cluster.api_server,
+         "--certificate-authority", str(local_cluster.state_dir / "pki" / "ca.crt"), "--token", token,
+         "auth", "whoami", "-o", "json"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert json.loads(out)["status"]["userInfo"]["username"] == f"system:serviceaccount:{namespace}:default"
+    ca = local_cluster.kubectl_run("get", "configmap", "kube-root-ca.crt", "-n", namespace, "-o", "json")
+    assert "BEGIN CERTIFICATE" in json.loads(ca.stdout)["data"]["ca.crt"]
+
+
+def test_pod_security_admission_enforces(local_cluster: ClusterInfo, namespace: str) -> None:
+    local_cluster.kubectl_run("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "privileged"},
+        "spec": {"containers": [{"name": "c", "image": "x", "securityContext": {"privileged": True}}]},
+    }
+    r = local_cluster.kubectl_run("create", "-n", namespace, "-f", "-", input=json.dumps(pod), check=False)
+    assert r.returncode != 0
+    assert "violates PodSecurity" in r.stderr, r.stderr
