@@ -23,6 +23,10 @@ VRAM_CLASS_LABEL = f"{api.GROUP}/vram-class"
 SPEC_HASH_ANNOTATION = f"{api.GROUP}/spec-hash"
 GPUS_ANNOTATION = f"{api.GROUP}/gpus"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Which operator installation handles a LoRAJob (like Argo's instanceID): an operator started
+# with an instance name handles only LoRAJobs carrying this label with that value; one
+# without handles only LoRAJobs without it. Children inherit the label.
+INSTANCE_LABEL = f"{api.GROUP}/operator-instance"
 # Test/dev hook: LoRAJob annotations with this prefix are copied onto the trainer pod, so the
 # kwok stages of the local cluster (hack/cluster/kwok-stages.yaml) can be told how a pod ends.
 # Harmless in production: no kubelet reads them.
@@ -84,6 +88,8 @@ def selector_labels(owner: Owner) -> dict[str, str]:
 def labels(owner: Owner, attempt: int | None = None) -> dict[str, str]:
     """Labels on every child; label values are at most 63 chars, like names."""
     out = {MANAGED_BY_LABEL: MANAGED_BY, **selector_labels(owner)}
+    if owner.labels.get(INSTANCE_LABEL):
+        out[INSTANCE_LABEL] = owner.labels[INSTANCE_LABEL]
     if attempt is not None:
         out[ATTEMPT_LABEL] = str(attempt)
     return out

@@ -237,17 +237,17 @@ class Controller:
         derived = derive_status(body, current, pods, self.settings, manifest=manifest)
         if derived.escalate:
             return await self._escalate(key, body, spec, attempt)
-        return await self._apply(key, body, derived)
+        return await self._apply(key, body, derived,
+                                 retry=manifest is not None and manifest.verified is None)
 
-    async def _apply(self, key: Key, body: Obj, derived: Derived) -> bool:
+    async def _apply(self, key: Key, body: Obj, derived: Derived, retry: bool = False) -> bool:
         if derived.patch:
             out = await self._patch(key, body, derived.patch)
             if out is None:
                 return await self._refresh(key) is not None
             self._emit(out, derived.events)
             body = out
-        if derived.phase == api.Phase.UPLOADING and "VerifyingManifest" in str(
-                (body.get("status") or {}).get("conditions")):
+        if retry:  # storage could not be asked yet: look again later
             self.requeue(key, RETRY_SECONDS)
         if derived.phase.finished:
             self.schedule_ttl(key, body)

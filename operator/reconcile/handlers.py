@@ -37,6 +37,7 @@ log = logging.getLogger("lora_operator.handlers")
 CHILD_LABELS: dict[str, Any] = {names.MANAGED_BY_LABEL: names.MANAGED_BY, names.JOB_NAME_LABEL: kopf.PRESENT}
 
 _controller: Controller | None = None
+_instance: str | None = None  # see names.INSTANCE_LABEL
 
 
 class KopfView:
@@ -65,10 +66,12 @@ class KopfView:
 VIEW = KopfView()
 
 
-def install(controller: Controller) -> None:
-    """Make `controller` the one the handlers call (the runner does this before start)."""
-    global _controller
+def install(controller: Controller, instance: str | None = None) -> None:
+    """Make `controller` the one the handlers call (the runner does this before start);
+    `instance` limits this operator to LoRAJobs labelled with it (names.INSTANCE_LABEL)."""
+    global _controller, _instance
     _controller = controller
+    _instance = instance or None
     controller.view = VIEW
     controller.post_event = post_event
 
@@ -94,23 +97,28 @@ def _snapshot(body: Any) -> dict[str, Any]:
 # Handlers take **kwargs only: kopf passes many named arguments and checks the signature.
 
 
+def mine(**kw: Any) -> bool:
+    """Whether this operator instance handles the object (by its instance label)."""
+    return (kw["labels"].get(names.INSTANCE_LABEL) or None) == _instance
+
+
 def _owner_key(kw: Mapping[str, Any]) -> Key:
     return (kw["namespace"], kw["labels"][names.JOB_NAME_LABEL])
 
 
-@kopf.index(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.index(api.GROUP, api.VERSION, api.PLURAL, when=mine)
 def lorajob_index(**kw: Any) -> dict[Key, Obj]:
     key = (kw["namespace"], kw["name"])
     metrics.observe_phase(key, (kw["body"].get("status") or {}).get("phase") or "Pending")
     return {key: _snapshot(kw["body"])}
 
 
-@kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
+@kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS, when=mine)
 def job_index(**kw: Any) -> dict[Key, Obj]:
     return {_owner_key(kw): _snapshot(kw["body"])}
 
 
-@kopf.index("", "v1", "pods", labels=CHILD_LABELS)
+@kopf.index("", "v1", "pods", labels=CHILD_LABELS, when=mine)
 def pod_index(**kw: Any) -> dict[Key, Obj]:
     return {_owner_key(kw): _snapshot(kw["body"])}
 
@@ -118,7 +126,7 @@ def pod_index(**kw: Any) -> dict[Key, Obj]:
 # --------------------------------------------------------------------------- events
 
 
-@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, when=mine)
 async def lorajob_event(**kw: Any) -> None:
     ctl = _ctl(kw)
     if kw["event"].get("type") == "DELETED":
@@ -127,12 +135,12 @@ async def lorajob_event(**kw: Any) -> None:
     await ctl.reconcile(kw["namespace"], kw["name"])
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS, when=mine)
 async def job_event(**kw: Any) -> None:
     await _ctl(kw).reconcile(*_owner_key(kw))
 
 
-@kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
+@kopf.on.event("", "v1", "pods", labels=CHILD_LABELS, when=mine)
 async def pod_event(**kw: Any) -> None:
     await _ctl(kw).reconcile(*_owner_key(kw))
 

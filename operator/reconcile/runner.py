@@ -2,7 +2,10 @@
 
 `lora-operator run` (operator/cli.py) calls `run_operator(args)` with: config,
 namespace (list), all_namespaces, peering, standalone, metrics_port, liveness, and
-optionally log_format / verbose / priority.
+optionally log_format / verbose / priority / instance. Environment: $LORA_OPERATOR_LOG_FORMAT
+(json | plain | full), $LORA_OPERATOR_PRIORITY (peering priority), $LORA_OPERATOR_INSTANCE
+(handle only LoRAJobs labelled `lorajob.dev/operator-instance=<it>`: several installations,
+or tests, share a cluster without acting on each other's jobs).
 
 High availability: run several replicas with the same `--peering` name and distinct
 priorities (each replica picks a random one unless $LORA_OPERATOR_PRIORITY is set); kopf
@@ -28,6 +31,7 @@ log = logging.getLogger("lora_operator.runner")
 ANNOTATION_PREFIX = "lorajob.dev"
 LOG_FORMAT_ENV = "LORA_OPERATOR_LOG_FORMAT"
 PRIORITY_ENV = "LORA_OPERATOR_PRIORITY"
+INSTANCE_ENV = "LORA_OPERATOR_INSTANCE"
 
 
 def configure_kopf(kopf_settings: Any, settings: Settings) -> None:
@@ -46,7 +50,6 @@ def configure_kopf(kopf_settings: Any, settings: Settings) -> None:
     kopf_settings.watching.connect_timeout = 30
     kopf_settings.networking.request_timeout = 60
     kopf_settings.execution.max_workers = settings.max_workers
-    kopf_settings.batching.worker_limit = max(settings.max_workers * 5, 100)
 
 
 def _log_format(args: argparse.Namespace) -> Any:
@@ -76,7 +79,8 @@ def run_operator(args: argparse.Namespace) -> int:
     load_kube_config()
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=settings.max_workers, thread_name_prefix="lora-reconcile")
-    handlers.install(Controller(settings, Kube(), executor))
+    instance = getattr(args, "instance", None) or os.environ.get(INSTANCE_ENV) or None
+    handlers.install(Controller(settings, Kube(), executor), instance=instance)
 
     port = int(getattr(args, "metrics_port", 0) or 0)
     metrics.serve(port)
@@ -84,8 +88,9 @@ def run_operator(args: argparse.Namespace) -> int:
     clusterwide = bool(getattr(args, "all_namespaces", False)) or not namespaces
     standalone = bool(getattr(args, "standalone", False))
     peering = getattr(args, "peering", None)
-    log.info("watching %s; peering %s; metrics on :%s",
+    log.info("watching %s%s; peering %s; metrics on :%s",
              "all namespaces" if clusterwide else ", ".join(namespaces),
+             f" (LoRAJobs labelled instance {instance})" if instance else "",
              "off" if standalone else (peering or "default (if installed)"), port or "off")
     kopf.run(
         standalone=standalone,

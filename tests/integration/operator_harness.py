@@ -156,12 +156,18 @@ class OperatorProcess:
     def __init__(self, kubeconfig: str, env: dict[str, str], settings: Path,
                  namespaces: list[str], *, peering: str | None = None,
                  metrics_port: int = 0, priority: int | None = None,
-                 log_dir: Path | None = None, name: str = "operator") -> None:
+                 log_dir: Path | None = None, name: str = "operator",
+                 instance: str | None = None) -> None:
         self.kubeconfig, self.settings, self.namespaces = kubeconfig, settings, namespaces
         self.peering, self.metrics_port, self.priority = peering, metrics_port, priority
         self.env = {**os.environ, **env, "KUBECONFIG": kubeconfig}
         if priority is not None:
             self.env["LORA_OPERATOR_PRIORITY"] = str(priority)
+        # Only LoRAJobs labelled lorajob.dev/operator-instance=<instance> are ours: another
+        # operator on the same cluster (a developer's, an e2e test's) leaves them alone.
+        self.instance = instance
+        if instance:
+            self.env["LORA_OPERATOR_INSTANCE"] = instance
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="lora-operator-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.name = name
