@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -31,6 +32,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,9 +375,25 @@ def _signal_group(pid: int, sig: int) -> None:
             os.kill(pid, sig)
 
 
+@contextlib.contextmanager
+def _locked(p: Paths) -> Iterator[None]:
+    p.state.mkdir(parents=True, exist_ok=True)
+    with (p.state / "lock").open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def stop(p: Paths | None = None, purge: bool = True) -> None:
     """Stop every component this state dir started; with purge, drop etcd and S3 data."""
     p = p or Paths()
+    with _locked(p):
+        _stop(p, purge)
+
+
+def _stop(p: Paths, purge: bool) -> None:
     pids = read_pids(p)
     for name in reversed(list(pids)):
         pid, start = pids[name]
@@ -580,6 +598,7 @@ class ClusterInfo:
     s3_region: str
     s3_bucket: str
     ports: dict[str, int] = field(default_factory=dict)
+    started_here: bool = False  # this up() call started the processes (else it found them up)
     crd_error: str | None = None  # why applying crds/ failed, when it did (see up(crds=...))
 
     @property
@@ -938,13 +957,14 @@ def up(bin_dir: Path | None = None, p: Paths | None = None, crds: str = "raise")
     crds="record": the error goes into the returned info's crd_error instead.
     """
     p = p or Paths()
-    p.state.mkdir(parents=True, exist_ok=True)
-    if is_up(p):
-        ci = info(p)
-        assert ci is not None
-        log("already up")
-    else:
-        ci = _start(bin_dir, p)
+    with _locked(p):  # two `up`s at once (two test runs) start one cluster
+        if is_up(p):
+            ci = info(p)
+            assert ci is not None
+            log("already up")
+        else:
+            ci = _start(bin_dir, p)
+            ci.started_here = True
     try:
         apply_crds(ci)
     except ClusterError as e:
@@ -960,7 +980,7 @@ def _start(bin_dir: Path | None, p: Paths) -> ClusterInfo:
     if missing:
         raise ClusterError(f"missing binaries in {bin_dir}: {missing}; run hack/cluster/build.sh")
     # A partial cluster (some component died) is restarted whole; data is kept.
-    stop(p, purge=False)
+    _stop(p, purge=False)
     ports = choose_ports(p)
     busy = [f"{k}={v}" for k, v in ports.items() if not _port_free(v)]
     if busy:
@@ -976,7 +996,7 @@ def _start(bin_dir: Path | None, p: Paths) -> ClusterInfo:
         _start_all(p, bin_dir, ports, creds)
         write_env(p, ci)
     except BaseException:
-        stop(p, purge=False)
+        _stop(p, purge=False)
         raise
     return ci
 

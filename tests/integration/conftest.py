@@ -28,12 +28,13 @@ def local_cluster() -> Iterator[ClusterInfo]:
 
     Attributes (see localcluster.ClusterInfo): state_dir, bin_dir, kubeconfig, kubectl, helm,
     api_server, s3_endpoint, s3_access_key, s3_secret_key, s3_region, s3_bucket, ports,
-    env (dict of the .cluster/env exports) and kubectl_run(*args) -> CompletedProcess.
+    env (dict of the .cluster/env exports), started_here, crd_error and
+    kubectl_run(*args, check=True, input=None, timeout=60) -> CompletedProcess.
+    Set LORA_KEEP_CLUSTER=1 to leave a cluster this run started running afterwards.
     """
-    started_here = not localcluster.is_up()
     ci = localcluster.up(crds="record")  # a bad CRD fails its own tests, not all of them
     try:
         yield ci
     finally:
-        if started_here and not os.environ.get("LORA_KEEP_CLUSTER"):
+        if ci.started_here and not os.environ.get("LORA_KEEP_CLUSTER"):
             localcluster.stop()
