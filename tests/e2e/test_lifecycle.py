@@ -30,8 +30,10 @@ class PhaseRecorder:
         self.phases: list[str] = []
         self.steps: list[int] = []
         self.proc = subprocess.Popen(
+            # A field selector, not a name: the watch starts before the object exists.
             [str(ci.kubectl), "--kubeconfig", str(ci.kubeconfig), "-n", namespace, "get",
-             "lorajob", name, "-w", "--output-watch-events", "-o", "json"],
+             "lorajobs", f"--field-selector=metadata.name={name}", "-w",
+             "--output-watch-events", "-o", "json"],
             stdout=subprocess.PIPE, text=True)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -39,24 +41,20 @@ class PhaseRecorder:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         buf = ""
-        depth = 0
-        for line in self.proc.stdout:
+        for line in self.proc.stdout:  # one event per line; accumulate if a line is partial
             buf += line
-            depth += line.count("{") - line.count("}")
-            if depth == 0 and buf.strip():
-                try:
-                    ev = json.loads(buf)
-                except ValueError:
-                    buf = ""
-                    continue
-                buf = ""
-                status = ev.get("object", {}).get("status") or {}
-                phase = status.get("phase")
-                if phase and (not self.phases or self.phases[-1] != phase):
-                    self.phases.append(phase)
-                step = (status.get("progress") or {}).get("step")
-                if phase == "Running" and step is not None:
-                    self.steps.append(int(step))
+            try:
+                ev = json.loads(buf)
+            except ValueError:
+                continue
+            buf = ""
+            status = ev.get("object", {}).get("status") or {}
+            phase = status.get("phase")
+            if phase and (not self.phases or self.phases[-1] != phase):
+                self.phases.append(phase)
+            step = (status.get("progress") or {}).get("step")
+            if phase == "Running" and step is not None:
+                self.steps.append(int(step))
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -96,11 +94,16 @@ def test_lorajob_end_to_end(cluster: Any, operator: Any, namespace: str, s3: Any
     status = obj["status"]
     assert status["phase"] == "Succeeded", status
 
-    # Phases seen by the watch, in order (Pending/Queued may or may not be observed).
+    # Phases seen by the watch, in order. Scheduling can be shorter than one watch event when
+    # the dev node is free (the pod is bound within milliseconds); its condition must hold.
     seen = [p for p in rec.phases if p in ("Scheduling", "Running", "Uploading", "Succeeded")]
-    for a, b in zip(["Scheduling", "Running", "Uploading", "Succeeded"],
-                    ["Running", "Uploading", "Succeeded"], strict=False):
-        assert seen.index(a) < seen.index(b), rec.phases
+    order = ["Running", "Uploading", "Succeeded"]
+    assert [p for p in seen if p in order] == order, rec.phases
+    if "Scheduling" in seen:
+        assert seen.index("Scheduling") < seen.index("Running"), rec.phases
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions.get("Scheduled") == "True", status["conditions"]
+    assert conditions.get("Succeeded") == "True", status["conditions"]
     assert rec.steps and max(rec.steps) > 0, f"status.progress never moved: {rec.steps}"
     assert status["placement"]["node"] == "lora-dev-gpu-0"
 
