@@ -22,7 +22,6 @@ from lora_operator.settings import default_settings_text, parse_settings
 from tests.unit.test_chart_helpers import CHART, KUBE_VERSION, REPO, by_kind, helm_binary, one, render
 
 HELM = helm_binary()
-pytestmark = pytest.mark.skipif(HELM is None, reason="helm not built yet (bash hack/cluster/build.sh)")
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},

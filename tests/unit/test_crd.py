@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
 from lora_operator import crd
 
 ROOT = Path(__file__).resolve().parents[2]
