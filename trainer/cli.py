@@ -1,0 +1,274 @@
+"""`lora-trainer`: the pod entry point and the local `run` command.
+
+    lora-trainer [pod]                       # in a pod: reads $LORA_TRAINER_CONFIG
+    lora-trainer run --job job.yaml [--output URI] [--base-model URI] [--device cpu|cuda]
+
+Whatever happens, the process ends with an exit code from `contract.ExitCode` and (where
+writable) a ≤ 4 KiB `TrainerResult` at the termination-message path, so the operator knows
+the verdict even when every progress patch was lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from lora_operator import api
+from lora_operator.contract import (
+    CONFIG_DIR,
+    CONFIG_ENV,
+    CONFIG_KEY,
+    RESULT_MAX_BYTES,
+    TERMINATION_MESSAGE_ENV,
+    TERMINATION_MESSAGE_PATH,
+    ExitCode,
+    JobIdentity,
+    TrainerConfig,
+    TrainerResult,
+    checkpoint_uri_for,
+)
+from lora_trainer import deepspeed_config, progress
+from lora_trainer.errors import TrainerError, is_cuda_oom
+
+log = logging.getLogger("lora_trainer")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def load_pod_config(path: Path) -> TrainerConfig:
+    """The TrainerConfig the operator rendered; CONFIG error when unreadable or invalid."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise TrainerError(ExitCode.CONFIG, f"cannot read trainer config {path}: {exc}") from None
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = api.SpecError(api.errors_of(exc))
+        raise TrainerError(ExitCode.CONFIG, f"invalid trainer config {path}: {errors}") from None
+
+
+def local_identity(job: api.LoRAJob, manifest_text: str) -> JobIdentity:
+    """A made-up identity for a local run: stable per manifest, so a rerun resumes."""
+    name = job.metadata.name or "local"
+    digest = hashlib.sha256(f"{name}\n{manifest_text}".encode()).hexdigest()
+    return JobIdentity(name=name, namespace=job.metadata.namespace or "default",
+                       uid=job.metadata.uid or f"local-{digest[:16]}")
+
+
+SMOLLM2_ALIAS = "file:@smollm2"
+_URI_FIELDS = (("baseModel",), ("dataset",), ("dataset", "validation"), ("dataset", "test"),
+               ("output",))
+
+
+def resolve_local_uri(uri: str, base_dir: Path) -> str:
+    """Local-run conveniences: `file:rel/path` → `file:///<manifest dir>/rel/path`, and
+    `file:@smollm2` → the GGUF file of the pip-installed SmolLM2-135M-Instruct."""
+    if uri == SMOLLM2_ALIAS:
+        from lora_trainer.model import smollm2_gguf_path
+
+        return "file://" + str(smollm2_gguf_path())
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return "file://" + str((base_dir / uri.removeprefix("file:")).resolve())
+    return uri
+
+
+def resolve_local_uris(raw: dict[str, Any], base_dir: Path) -> None:
+    """Rewrite the relative file URIs of a manifest in place (before validation)."""
+    spec = raw.get("spec")
+    for path in _URI_FIELDS:
+        node: Any = spec
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get("uri"), str):
+            node["uri"] = resolve_local_uri(node["uri"], base_dir)
+
+
+def local_config(job_file: Path, output: str | None, device: str) -> TrainerConfig:
+    """A TrainerConfig for `lora-trainer run`: the manifest, planned for this machine."""
+    from lora_trainer.plan_local import plan_local
+
+    try:
+        text = job_file.read_text()
+        raw = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as exc:
+        raise TrainerError(ExitCode.CONFIG, f"cannot read {job_file}: {exc}") from None
+    if isinstance(raw, dict):
+        resolve_local_uris(raw, job_file.resolve().parent)
+        if output:
+            raw.setdefault("spec", {}).setdefault("output", {})["uri"] = output
+    try:
+        job = api.parse_lorajob(raw if isinstance(raw, dict) else {})
+    except api.SpecError as exc:
+        raise TrainerError(ExitCode.CONFIG, f"{job_file}: {exc}") from None
+    identity = local_identity(job, text + (output or ""))
+    return TrainerConfig(job=identity, spec=job.spec, placement=plan_local(job.spec, device),
+                         checkpoint_uri=checkpoint_uri_for(job.spec.output.uri, identity.uid),
+                         report_progress=False)
+
+
+# --------------------------------------------------------------------------- result
+
+
+def termination_path() -> Path:
+    return Path(os.environ.get(TERMINATION_MESSAGE_ENV, TERMINATION_MESSAGE_PATH))
+
+
+def encode_result(result: TrainerResult) -> str:
+    """The result as compact JSON, its message trimmed until the whole fits 4 KiB."""
+    text = result.model_dump_json(by_alias=True, exclude_none=True)
+    while len(text.encode()) > RESULT_MAX_BYTES and result.message:
+        result = result.model_copy(update={"message": result.message[: len(result.message) // 2]})
+        text = result.model_dump_json(by_alias=True, exclude_none=True)
+    return text
+
+
+def write_result(result: TrainerResult, path: Path | None = None) -> None:
+    """Write the termination message; locally an unwritable /dev/termination-log is skipped."""
+    target = path or termination_path()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(encode_result(result))
+    except OSError:
+        log.debug("termination message path %s not writable; skipped", target)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _install_sigterm(ctx: Any) -> None:
+    """SIGTERM: while training, save a checkpoint and stop; before that, stop at once."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        ctx.preemption.requested = True
+        if not ctx.preemption.training:
+            raise TrainerError(ExitCode.PREEMPTED, "stopped by SIGTERM before training started")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def execute(config: TrainerConfig, device: str, base_model_uri: str | None = None,
+            workdir: Path | None = None) -> tuple[ExitCode, TrainerResult]:
+    """Run the job and classify the outcome; never raises (the exit code says it all)."""
+    from lora_trainer.job import RunContext, run_job
+
+    result = TrainerResult(exit_code=0, reason=ExitCode.OK.reason)
+    tmp = Path(tempfile.mkdtemp(prefix="lora-trainer-", dir=workdir))
+    ctx = RunContext(device=device, workdir=tmp, base_model_uri=base_model_uri)
+    _install_sigterm(ctx)
+    code, message = ExitCode.OK, "adapter written"
+    try:
+        run_job(config, ctx, result)
+    except TrainerError as exc:
+        code, message = exc.code, exc.message
+    except MemoryError:
+        code, message = ExitCode.OUT_OF_MEMORY, "host out of memory"
+    except Exception as exc:
+        if is_cuda_oom(exc):
+            code, message = ExitCode.OUT_OF_MEMORY, f"CUDA out of memory: {str(exc)[:300]}"
+        else:
+            code, message = ExitCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.exit_code, result.reason, result.message = int(code), code.reason, message
+    return code, result
+
+
+def finish(code: ExitCode, result: TrainerResult) -> int:
+    write_result(result)
+    progress.emit("result", **json.loads(encode_result(result)))
+    if code != ExitCode.OK:
+        log.error("%s (exit %d): %s", code.reason, int(code), result.message)
+    return int(code)
+
+
+def detect_device(requested: str | None) -> str:
+    if requested:
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_pod(args: argparse.Namespace) -> int:
+    path = Path(os.environ.get(CONFIG_ENV, f"{CONFIG_DIR}/{CONFIG_KEY}"))
+    try:
+        config = load_pod_config(path)
+    except TrainerError as exc:
+        return finish(exc.code, TrainerResult(exit_code=int(exc.code), reason=exc.code.reason,
+                                              message=exc.message))
+    if deepspeed_config.needs_launch(config.placement.gpus):
+        command = deepspeed_config.launch_command(int(config.placement.gpus or 1), ["pod"])
+        log.info("re-executing under torchrun on %s GPUs", config.placement.gpus)
+        os.execv(command[0], command)  # noqa: S606
+    code, result = execute(config, detect_device(args.device))
+    return finish(code, result) if deepspeed_config.is_main_process() else int(code)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        device = detect_device(args.device)
+        config = local_config(Path(args.job), args.output, device)
+    except TrainerError as exc:
+        return finish(exc.code, TrainerResult(exit_code=int(exc.code), reason=exc.code.reason,
+                                              message=exc.message))
+    progress.emit("plan", job=config.job.model_dump(mode="json"),
+                  placement=config.placement.model_dump(by_alias=True, exclude_none=True, mode="json"),
+                  output=config.spec.output.uri, device=device)
+    base_model = resolve_local_uri(args.base_model, Path.cwd()) if args.base_model else None
+    code, result = execute(config, device, base_model_uri=base_model)
+    if result.base_eval_loss is not None:
+        print(f"held-out loss: base {result.base_eval_loss:.4f} → adapter "
+              f"{result.adapter_eval_loss:.4f} ({(result.improvement or 0):.1%} better)",
+              file=sys.stderr)
+    return finish(code, result)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-trainer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+    pod = sub.add_parser("pod", help="run the job rendered by the operator ($LORA_TRAINER_CONFIG)")
+    pod.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    run = sub.add_parser("run", help="run a LoRAJob manifest on this machine")
+    run.add_argument("--job", required=True, help="LoRAJob manifest (YAML)")
+    run.add_argument("--output", help="override spec.output.uri (s3://, file://, pvc://)")
+    run.add_argument("--base-model", help="override spec.baseModel.uri, e.g. a local GGUF file: "
+                                          "file:///path/model.gguf (see `lora-trainer smollm2-path`)")
+    run.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    sub.add_parser("smollm2-path", help="print the pip-installed SmolLM2-135M GGUF file's path")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("LORA_TRAINER_LOG", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(list(argv) if argv is not None else None)
+    if args.command == "smollm2-path":
+        from lora_trainer.model import smollm2_gguf_path
+
+        print(smollm2_gguf_path())
+        return 0
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command is None:
+        args.device = None
+    return cmd_pod(args)

@@ -1,0 +1,490 @@
+"""Moving files between the pod and wherever the job's URIs point.
+
+Schemes: `s3://bucket/key` (any S3-compatible endpoint), `file:///path`, `pvc://claim/path`
+(a volume the operator mounted at `/mnt/pvc/<claim>`), `hf://org/name` (download only) and
+`https://host/path` (single files, for datasets). Every function maps failures onto the
+exit-code table so the operator can tell a wrong key (AUTH, permanent) from a flaky
+endpoint (STORAGE, retried): that distinction is the whole point of this module.
+
+Credentials come from the environment only (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+HF_TOKEN) and are never logged. URIs and endpoints that climb out of their prefix (`..`) or
+point at link-local / cloud-metadata addresses are refused before any request is made.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lora_operator.contract import ExitCode
+from lora_trainer.errors import TrainerError
+
+log = logging.getLogger(__name__)
+
+PVC_ROOT_ENV = "LORA_PVC_ROOT"
+PVC_ROOT_DEFAULT = "/mnt/pvc"
+SCHEMES = ("s3", "file", "pvc", "hf", "https")
+_LINK_LOCAL_V4 = ipaddress.ip_network("169.254.0.0/16")
+_METADATA_V6 = ipaddress.ip_address("fd00:ec2::254")
+_CHUNK = 8 * 1024 * 1024
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: scheme, bucket/claim/host/repo, and the path inside it (no leading /)."""
+
+    scheme: str
+    root: str
+    path: str
+
+    def child(self, name: str) -> Location:
+        """The location of `name` below this one (a key or file under the prefix)."""
+        base = self.path.rstrip("/")
+        return Location(self.scheme, self.root, f"{base}/{name}" if base else name)
+
+    @property
+    def uri(self) -> str:
+        if self.scheme == "file":
+            return f"file:///{self.path}"
+        return f"{self.scheme}://{self.root}/{self.path}"
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach S3: endpoint (else env AWS_ENDPOINT_URL / S3_ENDPOINT), region, fan-out."""
+
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    workers: int = 8
+    attempts: int = 5
+    backoff_seconds: float = 0.5
+
+    def resolved_endpoint(self) -> str | None:
+        endpoint = self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT")
+        if endpoint:
+            check_endpoint(endpoint)
+        return endpoint or None
+
+
+@dataclass
+class FileDigest:
+    """Size and sha256 of one file, as written to manifest.json."""
+
+    size: int
+    sha256: str
+
+
+@dataclass
+class Transfer:
+    """What one upload or download moved: relative name → digest, in the order written."""
+
+    files: dict[str, FileDigest] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(d.size for d in self.files.values())
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def parse_uri(uri: str) -> Location:
+    """Split a URI, refusing unknown schemes, `..` segments and metadata-service hosts."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in SCHEMES:
+        raise TrainerError(ExitCode.CONFIG, f"unsupported URI scheme in {uri!r}; "
+                                            f"use one of {', '.join(s + '://' for s in SCHEMES)}")
+    path = urllib.parse.unquote(parsed.path)
+    if ".." in path.split("/"):
+        raise TrainerError(ExitCode.CONFIG, f"refusing {uri!r}: '..' path segments are not allowed")
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise TrainerError(ExitCode.CONFIG, f"file URI must be file:///absolute/path (got {uri!r})")
+        return Location("file", "", path.lstrip("/"))
+    if not parsed.netloc:
+        raise TrainerError(ExitCode.CONFIG, f"URI {uri!r} has no bucket, claim or host")
+    if parsed.scheme == "https":
+        check_host(parsed.hostname or "", uri)
+    return Location(parsed.scheme, parsed.netloc, path.lstrip("/"))
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Refuse endpoints on link-local / metadata addresses (credential theft via SSRF)."""
+    parsed = urllib.parse.urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise TrainerError(ExitCode.CONFIG, f"endpoint must be an http(s) URL (got {endpoint!r})")
+    check_host(parsed.hostname, endpoint)
+
+
+def _forbidden_ip(text: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (isinstance(ip, ipaddress.IPv4Address) and ip in _LINK_LOCAL_V4) or ip == _METADATA_V6
+
+
+def check_host(host: str, where: str) -> None:
+    """Refuse a host that is, or resolves to, a link-local or cloud-metadata address."""
+    addresses = [host]
+    with contextlib.suppress(OSError, UnicodeError):  # unresolvable: the request fails later
+        addresses += [str(info[4][0]) for info in socket.getaddrinfo(host, None)]
+    if any(_forbidden_ip(a) for a in addresses):
+        raise TrainerError(ExitCode.CONFIG, f"refusing {where!r}: link-local / metadata "
+                                            "addresses (169.254.0.0/16, fd00:ec2::254) are not allowed")
+
+
+def safe_relative(name: str) -> str:
+    """A relative file name from a listing, refused if it would escape the target folder."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise TrainerError(ExitCode.CONFIG, f"refusing object name {name!r}: path traversal")
+    return "/".join(parts)
+
+
+# --------------------------------------------------------------------------- hashing, retries
+
+
+def sha256_file(path: Path) -> str:
+    """Streamed sha256 (adapters and merged models do not fit comfortably in memory twice)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest_file(path: Path) -> FileDigest:
+    return FileDigest(size=path.stat().st_size, sha256=sha256_file(path))
+
+
+def with_retries(action: Callable[[], T], opts: StorageOptions, what: str) -> T:
+    """Run `action`, retrying STORAGE failures with exponential backoff; others fail at once."""
+    for attempt in range(1, opts.attempts + 1):
+        try:
+            return action()
+        except TrainerError as exc:
+            if exc.code != ExitCode.STORAGE or attempt == opts.attempts:
+                raise
+            delay = opts.backoff_seconds * 2 ** (attempt - 1)
+            log.warning("%s failed (attempt %d/%d), retrying in %.1fs: %s",
+                        what, attempt, opts.attempts, delay, exc.message)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _parallel(jobs: Iterable[Callable[[], T]], workers: int) -> list[T]:
+    with futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [f.result() for f in [pool.submit(j) for j in jobs]]
+
+
+# --------------------------------------------------------------------------- local paths
+
+
+def local_path(loc: Location) -> Path:
+    """The filesystem path of a file:// or pvc:// location (pvc claims are mounted volumes)."""
+    if loc.scheme == "file":
+        return Path("/" + loc.path)
+    if loc.scheme == "pvc":
+        root = Path(os.environ.get(PVC_ROOT_ENV, PVC_ROOT_DEFAULT)) / loc.root
+        return root / loc.path
+    raise ValueError(f"{loc.uri} is not a local location")
+
+
+def is_local(uri: str) -> bool:
+    return parse_uri(uri).scheme in ("file", "pvc")
+
+
+# --------------------------------------------------------------------------- S3
+
+
+def s3_client(opts: StorageOptions) -> Any:
+    """A boto3 S3 client for the endpoint; credentials come from the environment only."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": 3, "mode": "standard"},
+                    s3={"addressing_style": "path"}, max_pool_connections=max(10, opts.workers * 2),
+                    connect_timeout=10, read_timeout=120)
+    return boto3.client("s3", endpoint_url=opts.resolved_endpoint(), region_name=opts.region,
+                        config=config)
+
+
+def _transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=_CHUNK, multipart_chunksize=_CHUNK,
+                          max_concurrency=4, use_threads=True)
+
+
+def s3_error(exc: BaseException, what: str, missing: ExitCode) -> TrainerError:
+    """Map a boto/botocore exception onto the exit-code table (message carries no secrets)."""
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return TrainerError(ExitCode.AUTH, f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID "
+                                           "and AWS_SECRET_ACCESS_KEY)")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden") \
+                or status in (401, 403):
+            return TrainerError(ExitCode.AUTH, f"{what}: S3 refused the credentials ({code or status})")
+        if code in ("NoSuchKey", "NoSuchBucket", "NotFound", "404") or status == 404:
+            return TrainerError(missing, f"{what}: not found ({code or status})")
+        if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError"):
+            return TrainerError(ExitCode.STORAGE, f"{what}: S3 error {code or status}")
+        return TrainerError(ExitCode.STORAGE, f"{what}: S3 error {code or status}")
+    if isinstance(exc, EndpointConnectionError | ConnectionError | OSError):
+        return TrainerError(ExitCode.STORAGE, f"{what}: cannot reach S3 ({type(exc).__name__})")
+    return TrainerError(ExitCode.STORAGE, f"{what}: {type(exc).__name__}: {exc}")
+
+
+def _s3_call(action: Callable[[], T], what: str, missing: ExitCode) -> T:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return action()
+    except (BotoCoreError, ClientError, OSError) as exc:
+        raise s3_error(exc, what, missing) from None
+
+
+def _s3_list(client: Any, loc: Location, missing: ExitCode) -> list[str]:
+    prefix = loc.path.rstrip("/") + "/" if loc.path.rstrip("/") else ""
+
+    def page() -> list[str]:
+        keys: list[str] = []
+        for resp in client.get_paginator("list_objects_v2").paginate(Bucket=loc.root, Prefix=prefix):
+            keys += [str(obj["Key"])[len(prefix):] for obj in resp.get("Contents", [])]
+        return keys
+
+    return _s3_call(page, f"list {loc.uri}", missing)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def list_files(uri: str, opts: StorageOptions, missing: ExitCode = ExitCode.STORAGE) -> list[str]:
+    """Relative names of every file under a prefix (recursive); [] when there is none."""
+    loc = parse_uri(uri)
+    if loc.scheme in ("file", "pvc"):
+        root = local_path(loc)
+        if not root.is_dir():
+            return []
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    if loc.scheme == "s3":
+        client = s3_client(opts)
+        return sorted(with_retries(lambda: _s3_list(client, loc, missing), opts, f"list {uri}"))
+    raise TrainerError(ExitCode.CONFIG, f"cannot list {uri}: {loc.scheme}:// is read-only here")
+
+
+def read_text(uri: str, opts: StorageOptions) -> str | None:
+    """A small object's text, or None when it does not exist (manifests, checkpoint pointers)."""
+    loc = parse_uri(uri)
+    if loc.scheme in ("file", "pvc"):
+        path = local_path(loc)
+        return path.read_text() if path.is_file() else None
+    if loc.scheme == "s3":
+        client = s3_client(opts)
+
+        def get() -> str | None:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            try:
+                body = client.get_object(Bucket=loc.root, Key=loc.path)["Body"].read()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise s3_error(exc, f"read {uri}", ExitCode.STORAGE) from None
+            except (BotoCoreError, OSError) as exc:
+                raise s3_error(exc, f"read {uri}", ExitCode.STORAGE) from None
+            return bytes(body).decode()
+
+        return with_retries(get, opts, f"read {uri}")
+    raise TrainerError(ExitCode.CONFIG, f"cannot read {uri} as text")
+
+
+def download(uri: str, dest: Path, opts: StorageOptions, missing: ExitCode,
+             revision: str | None = None) -> Path:
+    """Make `uri` (a file or a prefix) available locally and return its local path.
+
+    file:// and pvc:// are used in place (no copy: a mounted model is read where it lies).
+    `missing` is the exit code for "does not exist" (MODEL for models, DATA for datasets).
+    """
+    loc = parse_uri(uri)
+    if loc.scheme in ("file", "pvc"):
+        path = local_path(loc)
+        if not path.exists():
+            raise TrainerError(missing, f"{uri}: no such file or directory")
+        return path
+    dest.mkdir(parents=True, exist_ok=True)
+    if loc.scheme == "s3":
+        return _download_s3(loc, dest, opts, missing)
+    if loc.scheme == "hf":
+        return _download_hf(loc, dest, missing, revision)
+    return _download_https(uri, dest, opts, missing)
+
+
+def _download_s3(loc: Location, dest: Path, opts: StorageOptions, missing: ExitCode) -> Path:
+    client = s3_client(opts)
+    names = with_retries(lambda: _s3_list(client, loc, missing), opts, f"list {loc.uri}")
+    names = [n for n in names if n]
+    if not names:  # a single object rather than a prefix
+        target = dest / Path(loc.path).name
+        _s3_get(client, loc, target, opts, missing)
+        return target
+    target_dir = dest / (Path(loc.path.rstrip("/")).name or loc.root)
+    jobs = [_bind_get(client, loc.child(safe_relative(n)), target_dir / safe_relative(n), opts, missing)
+            for n in names]
+    _parallel(jobs, opts.workers)
+    return target_dir
+
+
+def _bind_get(client: Any, loc: Location, target: Path, opts: StorageOptions,
+              missing: ExitCode) -> Callable[[], None]:
+    return lambda: _s3_get(client, loc, target, opts, missing)
+
+
+def _s3_get(client: Any, loc: Location, target: Path, opts: StorageOptions, missing: ExitCode) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    with_retries(lambda: _s3_call(
+        lambda: client.download_file(loc.root, loc.path, str(tmp), Config=_transfer_config()),
+        f"download {loc.uri}", missing), opts, f"download {loc.uri}")
+    tmp.replace(target)
+
+
+def _download_hf(loc: Location, dest: Path, missing: ExitCode, revision: str | None) -> Path:
+    """hf://org/name via snapshot_download with HF_TOKEN (gated repos need it)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id = f"{loc.root}/{loc.path}".strip("/")
+    target = dest / repo_id.replace("/", "--")
+    try:
+        snapshot_download(repo_id=repo_id, revision=revision, local_dir=str(target),
+                          token=os.environ.get("HF_TOKEN") or None)
+    except GatedRepoError:
+        raise TrainerError(ExitCode.AUTH, f"hf://{repo_id}: gated repository; HF_TOKEN "
+                                          "missing or without access") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise TrainerError(missing, f"hf://{repo_id}: {type(exc).__name__} (or no access "
+                                    "with the given HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise TrainerError(ExitCode.STORAGE, f"hf://{repo_id}: the Hub is unreachable") from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        code = ExitCode.AUTH if status in (401, 403) else ExitCode.STORAGE
+        raise TrainerError(code, f"hf://{repo_id}: HTTP {status}") from None
+    except OSError as exc:
+        raise TrainerError(ExitCode.STORAGE, f"hf://{repo_id}: {type(exc).__name__}") from None
+    return target
+
+
+def _download_https(uri: str, dest: Path, opts: StorageOptions, missing: ExitCode) -> Path:
+    name = Path(urllib.parse.urlparse(uri).path).name or "download"
+    target = dest / name
+
+    def fetch() -> None:
+        try:
+            with urllib.request.urlopen(uri, timeout=60) as resp, target.open("wb") as fh:  # noqa: S310
+                shutil.copyfileobj(resp, fh, _CHUNK)
+        except urllib.error.HTTPError as exc:
+            code = ExitCode.AUTH if exc.code in (401, 403) else missing if exc.code == 404 \
+                else ExitCode.STORAGE
+            raise TrainerError(code, f"{uri}: HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrainerError(ExitCode.STORAGE, f"{uri}: {type(exc).__name__}") from None
+
+    with_retries(fetch, opts, f"download {uri}")
+    return target
+
+
+def upload(src: Path, names: list[str], uri: str, opts: StorageOptions) -> Transfer:
+    """Upload `names` (relative to `src`) under `uri` in parallel; return size + sha256 of each.
+
+    The caller orders uploads (the manifest goes in a later, separate call) so that a reader
+    who sees manifest.json can trust every file it lists is already there.
+    """
+    loc = parse_uri(uri)
+    rel = [safe_relative(n) for n in names]
+    digests = _parallel([_bind_digest(src / n) for n in rel], opts.workers)
+    if loc.scheme in ("file", "pvc"):
+        root = local_path(loc)
+        _parallel([_bind_copy(src / n, root / n) for n in rel], opts.workers)
+    elif loc.scheme == "s3":
+        client = s3_client(opts)
+        _parallel([_bind_put(client, src / n, loc.child(n), opts) for n in rel], opts.workers)
+    else:
+        raise TrainerError(ExitCode.CONFIG, f"cannot write to {uri}: use s3://, pvc:// or file://")
+    return Transfer(files=dict(zip(rel, digests, strict=True)))
+
+
+def _bind_digest(path: Path) -> Callable[[], FileDigest]:
+    return lambda: digest_file(path)
+
+
+def _bind_copy(src: Path, dst: Path) -> Callable[[], None]:
+    def copy() -> None:
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".part")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+        except PermissionError as exc:
+            raise TrainerError(ExitCode.AUTH, f"cannot write {dst}: {exc.strerror}") from None
+        except OSError as exc:
+            raise TrainerError(ExitCode.STORAGE, f"cannot write {dst}: {exc.strerror}") from None
+
+    return copy
+
+
+def _bind_put(client: Any, src: Path, loc: Location, opts: StorageOptions) -> Callable[[], None]:
+    return lambda: with_retries(lambda: _s3_call(
+        lambda: client.upload_file(str(src), loc.root, loc.path, Config=_transfer_config()),
+        f"upload {loc.uri}", ExitCode.STORAGE), opts, f"upload {loc.uri}")
+
+
+def delete_prefix(uri: str, opts: StorageOptions) -> None:
+    """Remove everything under a prefix (old checkpoints once the adapter is safely out)."""
+    loc = parse_uri(uri)
+    if loc.scheme in ("file", "pvc"):
+        shutil.rmtree(local_path(loc), ignore_errors=True)
+        return
+    if loc.scheme == "s3":
+        client = s3_client(opts)
+        for name in list_files(uri, opts):
+            _s3_delete(client, loc.root, loc.child(name).path)
+
+
+def _s3_delete(client: Any, bucket: str, key: str) -> None:
+    _s3_call(lambda: client.delete_object(Bucket=bucket, Key=key), f"delete s3://{bucket}/{key}",
+             ExitCode.STORAGE)
