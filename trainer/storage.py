@@ -223,8 +223,9 @@ def s3_client(opts: StorageOptions) -> Any:
     config = Config(retries={"max_attempts": 3, "mode": "standard"},
                     s3={"addressing_style": "path"}, max_pool_connections=max(10, opts.workers * 2),
                     connect_timeout=10, read_timeout=120)
-    return boto3.client("s3", endpoint_url=opts.resolved_endpoint(), region_name=opts.region,
-                        config=config)
+    session = boto3.session.Session()  # a fresh session reads the credentials the env has now
+    return session.client("s3", endpoint_url=opts.resolved_endpoint(), region_name=opts.region,
+                          config=config)
 
 
 def _transfer_config() -> Any:

@@ -123,7 +123,7 @@ def test_empty_split_fails_before_training(tiny_tokenizer: Any) -> None:
 def test_split_fraction_is_seeded_and_disjoint() -> None:
     rows = [data.Row({"text": str(i)}, "t", i) for i in range(100)]
     train, val = data.split_fraction(rows, 0.1, seed=3)
-    again, val2 = data.split_fraction(rows, 0.1, seed=3)
+    _, val2 = data.split_fraction(rows, 0.1, seed=3)
     assert [r.line for r in val] == [r.line for r in val2] and len(val) == 10
     assert {r.line for r in train} | {r.line for r in val} == set(range(100))
     assert not {r.line for r in train} & {r.line for r in val}

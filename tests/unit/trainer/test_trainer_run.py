@@ -15,7 +15,7 @@ import pytest
 from lora_operator.contract import ExitCode
 from lora_trainer import cli
 
-from .conftest import job_manifest, write_jsonl, write_manifest
+from .conftest import job_manifest, write_manifest
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "LORA_TRAINER_LOG": "WARNING"}

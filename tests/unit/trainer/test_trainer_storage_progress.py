@@ -7,7 +7,7 @@ import io
 import json
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -109,7 +109,7 @@ def test_snapshot_and_patch_body() -> None:
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
-    seen: list[dict[str, Any]] = []
+    seen: ClassVar[list[dict[str, Any]]] = []
 
     def do_PATCH(self) -> None:
         length = int(self.headers["Content-Length"])
