@@ -409,20 +409,20 @@ def test_two_replicas_only_one_acts(local_cluster: Any, kube: Kube, s3: Any,
                 "metadata": {"name": peering, "namespace": ns}})
     args = (str(local_cluster.kubeconfig), local_cluster.env, settings_file, [ns])
     with running_operator(*args, peering=peering, priority=200, log_dir=tmp_path,
-                          name="high", instance=INSTANCE) as high:
-        time.sleep(2)
-        with running_operator(*args, peering=peering, priority=100, log_dir=tmp_path,
-                              name="low", instance=INSTANCE) as low:
-            time.sleep(3)
-            names = [f"ha-{i}" for i in range(3)]
-            kube.apply("\n---\n".join(yaml.safe_dump(lorajob(n, ns, annotations=success(ns, n, s3)))
-                                      for n in names))
-            for n in names:
-                kube.wait_phase(ns, n, "Succeeded", timeout=60)
-                assert len(jobs_of(kube, ns, n)) == 1
-            assert high.alive and low.alive
-            assert "created Job" in high.logs()
-            assert "created Job" not in low.logs()
-            # Both replicas registered in the peering object; the lower priority one paused.
+                          name="high", instance=INSTANCE) as high, \
+            running_operator(*args, peering=peering, priority=100, log_dir=tmp_path,
+                             name="low", instance=INSTANCE) as low:
+        def both_registered() -> bool:
             peers = (kube.get("kopfpeering", peering, ns) or {}).get("status") or {}
-            assert sorted(p["priority"] for p in peers.values()) == [100, 200], peers
+            return sorted(p.get("priority") for p in peers.values()) == [100, 200]
+        kube.wait_for("both replicas in the peering object", both_registered, timeout=60)
+        time.sleep(1)  # the low one reacts to seeing the high one
+        names = [f"ha-{i}" for i in range(3)]
+        kube.apply("\n---\n".join(yaml.safe_dump(lorajob(n, ns, annotations=success(ns, n, s3)))
+                                  for n in names))
+        for n in names:
+            kube.wait_phase(ns, n, "Succeeded", timeout=60)
+            assert len(jobs_of(kube, ns, n)) == 1
+        assert high.alive and low.alive
+        assert "created Job" in high.logs()
+        assert "created Job" not in low.logs()
