@@ -74,12 +74,52 @@ def local_uri_problem(spec: api.LoRAJobSpec, settings: Settings) -> str | None:
     if settings.allow_local_uris:
         return None
     uris = {"spec.baseModel.uri": spec.base_model.uri, "spec.dataset.uri": spec.dataset.uri,
+            "spec.dataset.validation.uri": spec.dataset.validation.uri,
+            "spec.dataset.test.uri": spec.dataset.test.uri if spec.dataset.test else None,
             "spec.output.uri": spec.output.uri}
-    bad = [path for path, uri in uris.items() if uri.startswith("file://")]
+    bad = [path for path, uri in uris.items() if uri and uri.startswith("file://")]
     if not bad:
         return None
     return (f"{', '.join(bad)}: file:// URIs are only for local runs (lora-trainer run); "
             "the operator's settings have allowLocalUris false")
+
+
+def _metadata_address(url: str) -> bool:
+    """Whether a URL's host is, or resolves to, a link-local / cloud-metadata address."""
+    import ipaddress
+    import socket
+    import urllib.parse
+
+    host = urllib.parse.urlparse(url).hostname or ""
+    addresses = [host]
+    try:
+        addresses += [str(info[4][0]) for info in socket.getaddrinfo(host, None)]
+    except (OSError, UnicodeError):
+        pass
+    for text in addresses:
+        try:
+            ip = ipaddress.ip_address(text.split("%")[0])
+        except ValueError:
+            continue
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_link_local or ip == ipaddress.ip_address("fd00:ec2::254"):
+            return True
+    return False
+
+
+def endpoint_problem(spec: api.LoRAJobSpec) -> str | None:
+    """Endpoints on link-local / metadata addresses are refused: the operator itself calls
+    the model's and the output's endpoint (config.json, manifest HEAD) with its own
+    credentials, so such an endpoint would be a server-side request forgery (blocking: DNS)."""
+    endpoints = {"spec.baseModel.endpoint": spec.base_model.endpoint,
+                 "spec.dataset.endpoint": spec.dataset.endpoint,
+                 "spec.output.endpoint": spec.output.endpoint}
+    bad = [path for path, url in endpoints.items() if url and _metadata_address(url)]
+    if not bad:
+        return None
+    return (f"{', '.join(bad)}: link-local / cloud-metadata addresses (169.254.0.0/16, "
+            "fe80::/10, fd00:ec2::254) are not allowed")
 
 
 class View(Protocol):
@@ -220,6 +260,9 @@ class Controller:
         problem = local_uri_problem(spec, self.settings)
         if problem:
             return await self._fail(key, body, "LocalURIRefused", problem, planning=True)
+        problem = await self._io(endpoint_problem, spec)
+        if problem:
+            return await self._fail(key, body, "EndpointRefused", problem, planning=True)
 
         if not status.get("placement"):
             return await self._plan(key, body, spec)
