@@ -49,7 +49,7 @@ def make_model(folder: Path, gpu_shape: bool) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: operator/ must not shadow
     from tests.unit.trainer.conftest import build_tokenizer
 
     tok = build_tokenizer(folder)
@@ -177,8 +177,7 @@ def child(args: argparse.Namespace) -> None:
 def spawn(side: str, model: Path, data: Path, steps: int, seq: int, qlora: bool) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", side, "--model", str(model), "--data", str(data),
                "--steps", str(steps), "--seq", str(seq)] + (["--qlora"] if qlora else [])
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
