@@ -169,7 +169,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    run = run_ours if args.side == "ours" else run_baseline
+    run = run_ours if args.child == "ours" else run_baseline
     out = run(Path(args.model), Path(args.data), args.steps, args.seq, args.qlora)
     print("RESULT " + json.dumps(out), flush=True)
 
