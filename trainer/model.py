@@ -118,9 +118,11 @@ def load_model(source: ModelSource, dtype: Any, quantization: Any | None = None,
         kwargs["device_map"] = device_map
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    from safetensors import SafetensorError  # a corrupt or truncated weights file
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise TrainerError(ExitCode.MODEL, f"cannot load the model from {path}: {exc}") from None
     model.config.use_cache = False  # no KV cache while training (and packed masks need none)
     return model
