@@ -78,31 +78,41 @@ allowLocalUris: {{ $c.allowLocalUris }}
 {{- end }}
 
 {{/* RBAC rules on namespaced objects: in a ClusterRole (all namespaces) or a Role per
-watched namespace. lorajobs/status get+patch is also what lets the operator create each
-job's Role (RBAC escalation check). */}}
+watched namespace. Exactly what the operator calls (operator/reconcile/kube.py) plus what
+kopf needs, nothing more:
+- lorajobs: list/watch (kopf's index and event handlers), get (fresh read before a status
+  patch), delete (ttlSecondsAfterFinished). kopf writes nothing into them: the handlers are
+  on.event + indexes only (no finalizer, no annotations), so no patch/update.
+- lorajobs/status: patch (the controller's status); get+patch is also what lets the
+  operator create each job's Role, which grants exactly that (RBAC escalation check).
+- jobs: list/watch (kopf), create, get (adopt on 409), patch (runPolicy.suspend).
+- configmaps: create, patch (refresh an adopted ConfigMap's data). serviceaccounts, roles,
+  rolebindings: create only (an existing one is adopted as is; the garbage collector
+  deletes them through their ownerReferences).
+- pods: list/watch (kopf). events: create (kopf posts core/v1 Events, never patches). */}}
 {{- define "lora-operator.namespacedRules" -}}
 - apiGroups: [lorajob.dev]
   resources: [lorajobs]
-  verbs: [get, list, watch, patch, update, delete]
+  verbs: [get, list, watch, delete]
 - apiGroups: [lorajob.dev]
   resources: [lorajobs/status]
-  verbs: [get, patch, update]
+  verbs: [get, patch]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
-  resources: [configmaps, serviceaccounts]
-  verbs: [get, list, watch, create, patch, update, delete]
+  resources: [configmaps]
+  verbs: [create, patch]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [create]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 {{- end }}
