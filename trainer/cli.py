@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from lora_operator import api
+from lora_operator import api, localrun
 from lora_operator.contract import (
     CONFIG_DIR,
     CONFIG_ENV,
@@ -71,34 +71,6 @@ def local_identity(job: api.LoRAJob, manifest_text: str) -> JobIdentity:
                        uid=job.metadata.uid or f"local-{digest[:16]}")
 
 
-SMOLLM2_ALIAS = "file:@smollm2"
-_URI_FIELDS = (("baseModel",), ("dataset",), ("dataset", "validation"), ("dataset", "test"),
-               ("output",))
-
-
-def resolve_local_uri(uri: str, base_dir: Path) -> str:
-    """Local-run conveniences: `file:rel/path` → `file:///<manifest dir>/rel/path`, and
-    `file:@smollm2` → the GGUF file of the pip-installed SmolLM2-135M-Instruct."""
-    if uri == SMOLLM2_ALIAS:
-        from lora_trainer.model import smollm2_gguf_path
-
-        return "file://" + str(smollm2_gguf_path())
-    if uri.startswith("file:") and not uri.startswith("file:/"):
-        return "file://" + str((base_dir / uri.removeprefix("file:")).resolve())
-    return uri
-
-
-def resolve_local_uris(raw: dict[str, Any], base_dir: Path) -> None:
-    """Rewrite the relative file URIs of a manifest in place (before validation)."""
-    spec = raw.get("spec")
-    for path in _URI_FIELDS:
-        node: Any = spec
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get("uri"), str):
-            node["uri"] = resolve_local_uri(node["uri"], base_dir)
-
-
 def local_config(job_file: Path, output: str | None, device: str) -> TrainerConfig:
     """A TrainerConfig for `lora-trainer run`: the manifest, planned for this machine."""
     from lora_trainer.plan_local import plan_local
@@ -109,7 +81,7 @@ def local_config(job_file: Path, output: str | None, device: str) -> TrainerConf
     except (OSError, yaml.YAMLError) as exc:
         raise TrainerError(ExitCode.CONFIG, f"cannot read {job_file}: {exc}") from None
     if isinstance(raw, dict):
-        resolve_local_uris(raw, job_file.resolve().parent)
+        localrun.resolve_local_uris(raw, job_file.resolve().parent)
         if output:
             raw.setdefault("spec", {}).setdefault("output", {})["uri"] = output
     try:
@@ -233,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress.emit("plan", job=config.job.model_dump(mode="json"),
                   placement=config.placement.model_dump(by_alias=True, exclude_none=True, mode="json"),
                   output=config.spec.output.uri, device=device)
-    base_model = resolve_local_uri(args.base_model, Path.cwd()) if args.base_model else None
+    base_model = localrun.resolve_local_uri(args.base_model, Path.cwd()) if args.base_model else None
     code, result = execute(config, device, base_model_uri=base_model)
     if result.base_eval_loss is not None:
         print(f"held-out loss: base {result.base_eval_loss:.4f} → adapter "

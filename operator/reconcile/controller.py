@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -92,10 +93,8 @@ def _metadata_address(url: str) -> bool:
 
     host = urllib.parse.urlparse(url).hostname or ""
     addresses = [host]
-    try:
+    with contextlib.suppress(OSError, UnicodeError):  # unresolvable: the name itself is checked
         addresses += [str(info[4][0]) for info in socket.getaddrinfo(host, None)]
-    except (OSError, UnicodeError):
-        pass
     for text in addresses:
         try:
             ip = ipaddress.ip_address(text.split("%")[0])

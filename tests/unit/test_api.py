@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from lora_operator import api, crd
+from lora_operator import api, crd, localrun
 from tests.cases import INVALID, Invalid, patched, valid_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +89,7 @@ def test_examples_round_trip(path: Path) -> None:
     for doc in yaml.safe_load_all(path.read_text()):
         if not doc or doc.get("kind") != "LoRAJob":
             continue
+        localrun.resolve_local_uris(doc, path.parent)  # examples/local-*.yaml shorthands
         job = api.parse_lorajob(doc)
         again = api.parse_lorajob(yaml.safe_load(yaml.safe_dump(api.to_manifest(job))))
         assert again == job

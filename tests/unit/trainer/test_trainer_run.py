@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from lora_operator import localrun
 from lora_operator.contract import ExitCode
 from lora_trainer import cli
 
@@ -150,9 +151,9 @@ def test_resume_after_sigkill_gives_the_same_adapter(tiny_model_dir: Path, tmp_p
 
 
 def test_local_uris_resolve_against_the_manifest(tmp_path: Path) -> None:
-    assert cli.resolve_local_uri("file:data/x.jsonl", tmp_path) == f"file://{tmp_path}/data/x.jsonl"
-    assert cli.resolve_local_uri("s3://b/k", tmp_path) == "s3://b/k"
-    assert cli.resolve_local_uri("file:@smollm2", tmp_path).endswith(".gguf")
+    assert localrun.resolve_local_uri("file:data/x.jsonl", tmp_path) == f"file://{tmp_path}/data/x.jsonl"
+    assert localrun.resolve_local_uri("s3://b/k", tmp_path) == "s3://b/k"
+    assert localrun.resolve_local_uri("file:@smollm2", tmp_path).endswith(".gguf")
 
 
 def test_result_is_trimmed_to_4kib() -> None:
