@@ -20,6 +20,12 @@ TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_MESSAGE_ENV = "LORA_TERMINATION_MESSAGE_PATH"
 RESULT_MAX_BYTES = 4096
 PROGRESS_FIELD_MANAGER = "lora-trainer"
+# S3 keys of a Secret named by spec.*.credentialsSecret, and the env prefixes under which the
+# trainer pod receives them: the output's keys keep the plain AWS names; a base model or
+# dataset with a Secret of its own gets them prefixed, so each location uses its own keys.
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+MODEL_CREDENTIALS_PREFIX = "LORA_MODEL_"
+DATASET_CREDENTIALS_PREFIX = "LORA_DATASET_"
 
 
 class ExitCode(enum.IntEnum):

@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from lora_operator import api
-from lora_operator.contract import ExitCode, TrainerConfig, TrainerResult
+from lora_operator.contract import (
+    DATASET_CREDENTIALS_PREFIX,
+    MODEL_CREDENTIALS_PREFIX,
+    ExitCode,
+    TrainerConfig,
+    TrainerResult,
+)
 from lora_trainer import data, deepspeed_config, evaluate, export, progress, storage, train
 from lora_trainer.errors import TrainerError
 from lora_trainer.model import load_tokenizer, resolve_source
@@ -37,8 +43,10 @@ class Splits:
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def storage_options(spec: api.LoRAJobSpec, endpoint: str | None) -> storage.StorageOptions:
-    return storage.StorageOptions(endpoint=endpoint or spec.output.endpoint, region=spec.output.region)
+def storage_options(spec: api.LoRAJobSpec, endpoint: str | None,
+                    credentials_prefix: str = "") -> storage.StorageOptions:
+    return storage.StorageOptions(endpoint=endpoint or spec.output.endpoint, region=spec.output.region,
+                                  credentials_prefix=credentials_prefix)
 
 
 def fetch_rows(uri: str, workdir: Path, opts: storage.StorageOptions, name: str) -> list[data.Row]:
@@ -51,7 +59,8 @@ def fetch_rows(uri: str, workdir: Path, opts: storage.StorageOptions, name: str)
 def prepare_data(spec: api.LoRAJobSpec, tokenizer: Any, workdir: Path) -> Splits:
     """Read, split, check and tokenize every split; DATA errors surface here, before training."""
     ds, t = spec.dataset, spec.training
-    opts = storage_options(spec, ds.endpoint)
+    opts = storage_options(spec, ds.endpoint,
+                           DATASET_CREDENTIALS_PREFIX if ds.credentials_secret else "")
     rows = fetch_rows(ds.uri, workdir, opts, "train")
     fmt = data.detect_format(rows) if ds.format == api.DatasetFormat.AUTO else api.DatasetFormat(ds.format)
     if ds.validation.uri:
@@ -99,7 +108,8 @@ def run_job(config: TrainerConfig, ctx: RunContext, result: TrainerResult) -> Tr
     export.check_output_conflict(spec.output.uri, job, spec.output.overwrite, out_opts)
 
     model_uri = ctx.base_model_uri or spec.base_model.uri
-    model_opts = storage_options(spec, spec.base_model.endpoint)
+    model_opts = storage_options(spec, spec.base_model.endpoint,
+                                 MODEL_CREDENTIALS_PREFIX if spec.base_model.credentials_secret else "")
     local = storage.download(model_uri, ctx.workdir / "model", model_opts, missing=ExitCode.MODEL,
                              revision=spec.base_model.revision)
     source = resolve_source(local, spec.base_model.gguf_file, spec.base_model.trust_remote_code)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lora_operator.contract import ExitCode
+from lora_operator.contract import S3_SECRET_KEYS, ExitCode
 from lora_trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class StorageOptions:
 
     endpoint: str | None = None
     region: str = "us-east-1"
+    # Env prefix of this location's own keys (contract.MODEL_/DATASET_CREDENTIALS_PREFIX);
+    # "" means the plain AWS_* names, the output's.
+    credentials_prefix: str = ""
     workers: int = 8
     attempts: int = 5
     backoff_seconds: float = 0.5
@@ -223,9 +226,19 @@ def s3_client(opts: StorageOptions) -> Any:
     config = Config(retries={"max_attempts": 3, "mode": "standard"},
                     s3={"addressing_style": "path"}, max_pool_connections=max(10, opts.workers * 2),
                     connect_timeout=10, read_timeout=120)
-    session = boto3.session.Session()  # a fresh session reads the credentials the env has now
+    key_id, secret = _credentials(opts.credentials_prefix)
+    session = boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret)
     return session.client("s3", endpoint_url=opts.resolved_endpoint(), region_name=opts.region,
                           config=config)
+
+
+def _credentials(prefix: str) -> tuple[str | None, str | None]:
+    """Explicit keys for a location with its own Secret; (None, None) lets a fresh boto3
+    session read the plain AWS_* environment as it is now."""
+    if not prefix:
+        return None, None
+    key_id, secret = (os.environ.get(prefix + name) for name in S3_SECRET_KEYS)
+    return (key_id, secret) if key_id and secret else (None, None)
 
 
 def _transfer_config() -> Any:

@@ -123,12 +123,25 @@ def env(spec: api.LoRAJobSpec, settings: Settings) -> list[dict[str, Any]]:
         out.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
     secret = spec.output.credentials_secret or settings.s3_credentials_secret
     if secret:
-        out.append(_secret_env("AWS_ACCESS_KEY_ID", secret, "AWS_ACCESS_KEY_ID"))
-        out.append(_secret_env("AWS_SECRET_ACCESS_KEY", secret, "AWS_SECRET_ACCESS_KEY"))
+        out.extend(_secret_env(key, secret, key) for key in contract.S3_SECRET_KEYS)
     model = spec.base_model
     if model.credentials_secret and model.uri.startswith("hf://"):
         out.append(_secret_env("HF_TOKEN", model.credentials_secret, "HF_TOKEN"))
+    if model.credentials_secret and model.uri.startswith("s3://"):
+        out.extend(_s3_secret_env(contract.MODEL_CREDENTIALS_PREFIX, model.credentials_secret))
+    if spec.dataset.credentials_secret and _dataset_uris_use_s3(spec.dataset):
+        out.extend(_s3_secret_env(contract.DATASET_CREDENTIALS_PREFIX, spec.dataset.credentials_secret))
     return out
+
+
+def _s3_secret_env(prefix: str, secret: str) -> list[dict[str, Any]]:
+    """A location's own S3 keys, under prefixed names (see contract.S3_SECRET_KEYS)."""
+    return [_secret_env(prefix + key, secret, key) for key in contract.S3_SECRET_KEYS]
+
+
+def _dataset_uris_use_s3(ds: api.DatasetSpec) -> bool:
+    uris = [ds.uri, ds.validation.uri or "", ds.test.uri if ds.test else ""]
+    return any(u.startswith("s3://") for u in uris)
 
 
 def container_security_context() -> dict[str, Any]:

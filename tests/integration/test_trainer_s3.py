@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lora_operator.contract import ExitCode
+from lora_operator.contract import MODEL_CREDENTIALS_PREFIX, ExitCode
 from lora_trainer import cli, storage
 from lora_trainer.errors import TrainerError
 from tests.unit.trainer.conftest import build_model, build_tokenizer, job_manifest, write_manifest
@@ -43,6 +45,29 @@ def test_upload_list_download_roundtrip_with_sha256(s3: tuple[storage.StorageOpt
     assert storage.read_text(prefix + "/absent.txt", opts) is None
     storage.delete_prefix(prefix, opts)
     assert storage.list_files(prefix, opts) == []
+
+
+def test_a_location_with_its_own_secret_uses_its_own_keys(
+        s3: tuple[storage.StorageOptions, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's keys (LORA_MODEL_AWS_*) reach S3 even when the output's are wrong, and a
+    wrong model key is refused even when the output's keys are right."""
+    opts, prefix = s3
+    (tmp_path / "config.json").write_text("{}")
+    storage.upload(tmp_path, ["config.json"], prefix, opts)
+    model_opts = dataclasses.replace(opts, credentials_prefix=MODEL_CREDENTIALS_PREFIX)
+    good_id, good_secret = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+    monkeypatch.setenv(MODEL_CREDENTIALS_PREFIX + "AWS_ACCESS_KEY_ID", good_id)
+    monkeypatch.setenv(MODEL_CREDENTIALS_PREFIX + "AWS_SECRET_ACCESS_KEY", good_secret)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "output-secret-is-wrong")
+    assert storage.list_files(prefix, model_opts) == ["config.json"]
+    with pytest.raises(TrainerError) as out_denied:
+        storage.list_files(prefix, opts)
+    assert out_denied.value.code == ExitCode.AUTH
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", good_secret)
+    monkeypatch.setenv(MODEL_CREDENTIALS_PREFIX + "AWS_SECRET_ACCESS_KEY", "model-secret-is-wrong")
+    with pytest.raises(TrainerError) as model_denied:
+        storage.download(prefix + "/", tmp_path / "dst", model_opts, ExitCode.MODEL)
+    assert model_denied.value.code == ExitCode.AUTH
 
 
 def test_missing_object_and_wrong_keys_map_to_exit_codes(

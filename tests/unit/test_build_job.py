@@ -186,6 +186,28 @@ def test_default_credentials_and_endpoint_from_settings() -> None:
     assert "HF_TOKEN" not in env
 
 
+def test_model_and_dataset_secrets_get_their_own_prefixed_keys() -> None:
+    spec = make_spec(baseModel={"uri": "s3://models/qwen/", "credentialsSecret": "model-keys"},
+                     dataset={"uri": "https://host/train.jsonl", "credentialsSecret": "data-keys",
+                              "test": {"uri": "s3://data/test.jsonl"}},
+                     output={"uri": "s3://adapters/bot/", "credentialsSecret": "out-keys"})
+    env = {e["name"]: e for e in container(build(spec))["env"]}
+    for prefix, secret in ((contract.MODEL_CREDENTIALS_PREFIX, "model-keys"),
+                           (contract.DATASET_CREDENTIALS_PREFIX, "data-keys"), ("", "out-keys")):
+        for key in contract.S3_SECRET_KEYS:
+            assert env[prefix + key]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": key}
+    assert "HF_TOKEN" not in env
+
+
+def test_hf_secret_is_not_taken_for_s3_keys() -> None:
+    spec = make_spec(baseModel={"uri": "hf://org/model", "credentialsSecret": "hf"},
+                     dataset={"uri": "file:///data/train.jsonl", "credentialsSecret": "unused"})
+    names_ = {e["name"] for e in container(build(spec))["env"]}
+    assert "HF_TOKEN" in names_
+    assert not any(n.startswith((contract.MODEL_CREDENTIALS_PREFIX, contract.DATASET_CREDENTIALS_PREFIX))
+                   for n in names_)
+
+
 def test_no_secret_configured_means_no_credential_env() -> None:
     env = {e["name"] for e in container(build())["env"]}
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"} & env
