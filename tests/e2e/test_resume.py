@@ -3,6 +3,7 @@ checkpoint in S3 (its log says so, and training does not start again from step 0
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -60,3 +61,24 @@ def test_killed_trainer_resumes_from_its_checkpoint(cluster: Any, operator: Any,
     log_dir = Path(cluster.state_dir) / "logs" / "pods"
     second_log = (log_dir / f"{namespace}_{pods[-1]['metadata']['name']}_trainer.log").read_text()
     assert '"event": "resume"' in second_log, second_log[-3000:]
+    # Progress continues from the checkpoint, not from step 0, and the resumed run retraces
+    # the same losses (optimizer, scheduler, RNG and data position restored).
+    first_log = (log_dir / f"{namespace}_{pods[0]['metadata']['name']}_trainer.log").read_text()
+    resumed = _events(second_log, "resume")[0]
+    ckpt_step = int(resumed["checkpoint"].rsplit("-", 1)[-1])
+    assert ckpt_step > 0, resumed
+    steps = [e["step"] for e in _events(second_log, "progress")]
+    assert steps and steps[0] > ckpt_step and steps[-1] == 40, steps
+    before = {e["step"]: e["loss"] for e in _events(first_log, "progress")}
+    after = {e["step"]: e["loss"] for e in _events(second_log, "progress")}
+    common = sorted(set(before) & set(after))
+    assert all(abs(before[k] - after[k]) < 1e-3 for k in common), (before, after)
+    assert obj["status"]["progress"]["step"] == 40
+
+
+def _events(log: str, kind: str) -> list[dict[str, Any]]:
+    out = []
+    for line in log.splitlines():
+        if line.startswith(f'{{"event": "{kind}"'):
+            out.append(json.loads(line))
+    return out
