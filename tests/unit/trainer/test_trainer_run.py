@@ -161,3 +161,39 @@ def test_result_is_trimmed_to_4kib() -> None:
 
     text = cli.encode_result(TrainerResult(exit_code=1, reason="TrainerError", message="x" * 10000))
     assert len(text.encode()) <= 4096
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_preempted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """What a node drain or suspend does: the trainer saves where it is and says Preempted, and
+    the next run resumes from that step rather than from the last periodic checkpoint."""
+    out = tmp_path / "o"
+    termination = tmp_path / "termination-log"
+    manifest = write_manifest(tmp_path / "job.yaml", job_manifest(
+        tiny_model_dir, f"file://{out}", training={"maxSteps": 400, "saveSteps": 1000}))
+    proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "run", "--job", str(manifest),
+                             "--device", "cpu"], stdout=subprocess.PIPE, text=True,
+                            env={**ENV, "LORA_TERMINATION_MESSAGE_PATH": str(termination)})
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if '"event": "progress"' in line and json.loads(line)["step"] >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = [json.loads(line) for line in proc.stdout if line.startswith("{")]
+    assert proc.wait(timeout=300) == ExitCode.PREEMPTED
+    result = json.loads(termination.read_text())
+    assert result["reason"] == "Preempted" and "SIGTERM" in result["message"]
+    saved = [e for e in rest if e["event"] == "checkpoint"]
+    assert saved, "no checkpoint saved on SIGTERM"
+    assert not (out / "manifest.json").exists()
+
+    resumed = subprocess.Popen([sys.executable, "-m", "lora_trainer", "run", "--job", str(manifest),
+                                "--device", "cpu"], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert resumed.stdout is not None
+    for line in resumed.stdout:
+        if '"event": "resume"' in line:
+            assert json.loads(line)["checkpoint"] == f"checkpoint-{saved[-1]['step']}"
+            break
+    else:
+        raise AssertionError("the second run did not resume")
+    resumed.kill()
+    resumed.wait(timeout=60)
