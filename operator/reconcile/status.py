@@ -326,6 +326,9 @@ def _job_verdict(lorajob: Obj, job: Obj | None, pods: list[Obj], attempt: int,
         return _Verdict(Phase.SUSPENDED, "SuspendedByUser", "suspending the trainer")
 
     active = [p for p in current if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+    lost = _lost_message(current, (lorajob.get("status") or {}).get("message") or "")
+    if lost and not any((p.get("status") or {}).get("phase") == "Running" for p in active):
+        return _Verdict(Phase.SCHEDULING, "PodLost", lost, event_type="Warning")
     pod = active[-1] if active else latest
     if pod is None:
         return _Verdict(Phase.SCHEDULING, "WaitingForPod", "waiting for the Job to create a pod")
@@ -357,6 +360,26 @@ def _job_verdict(lorajob: Obj, job: Obj | None, pods: list[Obj], attempt: int,
                         scheduled=("True", "Scheduled", f"bound to {node}"), node=node)
     return _Verdict(Phase.SCHEDULING, "Pending", "waiting for the scheduler",
                     scheduled=("False", "Pending", "waiting for the scheduler"))
+
+
+LOST = " was lost ("
+
+
+def _lost_message(pods: Sequence[Obj], previous: str) -> str | None:
+    """A trainer pod taken away from under the Job (its node deleted and the pod-GC
+    controller failing it, an eviction, a preemption: condition DisruptionTarget). The Job's
+    pod failure policy ignores such failures, so the Job replaces the pod without counting
+    it against backoffLimit; until the replacement runs, the status says what happened.
+    Once the lost pod is gone from the API, the previous message carries it (level-triggered:
+    derived from the stored status, not from memory)."""
+    for pod in reversed(_sorted_pods(pods)):
+        cond = _cond(pod, "DisruptionTarget")
+        if cond is not None and cond.get("status") == "True":
+            node = (pod.get("spec") or {}).get("nodeName") or "its node"
+            why = f"{cond.get('reason') or 'Disrupted'}: {cond.get('message') or ''}".strip(": ")
+            return (f"trainer pod {pod['metadata']['name']} on node {node}{LOST}{why}); the "
+                    "Job replaces it (not counted against runPolicy.backoffLimit)")
+    return previous if LOST in previous and previous.startswith("trainer pod ") else None
 
 
 def gpu_hours(pods: Sequence[Obj]) -> float:

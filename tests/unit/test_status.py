@@ -247,6 +247,30 @@ def test_retryable_pod_failure_while_job_active_is_scheduling() -> None:
     assert "Retrying" in [e.reason for e in d.events]
 
 
+def test_pod_lost_with_its_node_names_pod_and_node_until_the_replacement_runs() -> None:
+    lost = pod("Failed", name="bot-a1-x", node="gpu-h100-3")
+    lost["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True",
+                                         "reason": "DeletionByPodGC",
+                                         "message": "PodGC: node no longer exists"})
+    lj = lorajob("Running")
+    d = derive(lj, job(), [lost, pod("Pending", name="bot-a1-y", created="2025-01-01T11:10:00Z",
+                                     unschedulable="0/9 nodes are available")])
+    assert d.phase == api.Phase.SCHEDULING
+    msg = d.patch["message"]
+    assert "bot-a1-x" in msg and "gpu-h100-3" in msg and "DeletionByPodGC" in msg, msg
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "PodLost")]
+    # The lost pod is gone from the API: the stored message still says what happened.
+    merge(lj["status"], d.patch)
+    d2 = derive(lj, job(), [pod("Pending", name="bot-a1-y", created="2025-01-01T11:10:00Z",
+                                unschedulable="0/9 nodes are available")])
+    assert d2.phase == api.Phase.SCHEDULING and "message" not in d2.patch
+    merge(lj["status"], d2.patch)
+    assert "bot-a1-x" in lj["status"]["message"]
+    # The replacement runs: back to Running.
+    d3 = derive(lj, job(), [pod("Running", name="bot-a1-y", created="2025-01-01T11:10:00Z")])
+    assert d3.phase == api.Phase.RUNNING
+
+
 def test_suspended_by_user() -> None:
     lj = lorajob("Running", suspend=True, conditions=[
         {"type": "Running", "status": "True", "reason": "TrainerRunning", "message": "",
