@@ -26,13 +26,15 @@ REQUEST_LINE = re.compile(rb"^([A-Z]+) (\S+) HTTP/1\.[01]\r\n")
 @dataclass
 class Trigger:
     """When a request line matches `pattern` (and `unless` does not), go down for
-    `seconds` (None: for good). Fires once."""
+    `seconds` (None: for good), or with `stall` hang instead: keep every connection open
+    but forward nothing more to S3 (a slow, stuck upload) until `stop()`. Fires once."""
 
     method: bytes
     pattern: bytes
     seconds: float | None
     unless: bytes | None = None
     fired_at: float | None = None
+    stall: bool = False
 
     def matches(self, method: bytes, path: bytes) -> bool:
         return (self.fired_at is None and method == self.method and self.pattern in path
@@ -50,6 +52,7 @@ class S3Outage:
     triggers: list[Trigger] = field(default_factory=list)
     outages: list[tuple[float, float | None]] = field(default_factory=list)
     refused: int = 0  # requests cut by an outage (connections reset)
+    stalled_at: float | None = None  # when a stall trigger fired; nothing is forwarded since
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -109,9 +112,9 @@ class S3Outage:
         self.down()
 
     def on(self, method: str, pattern: str, seconds: float | None, unless: str | None = None,
-           ) -> Trigger:
+           stall: bool = False) -> Trigger:
         trig = Trigger(method.encode(), pattern.encode(), seconds,
-                       unless.encode() if unless else None)
+                       unless.encode() if unless else None, stall=stall)
         self.triggers.append(trig)
         return trig
 
@@ -146,6 +149,8 @@ class S3Outage:
                 if inspect and self._inspect(data):
                     self.refused += 1
                     return  # the outage reset both ends
+                while inspect and self.stalled_at is not None and not self._stopped:
+                    time.sleep(0.05)  # stalled: hold the bytes; stop() resets the sockets
                 dst.sendall(data)
         except OSError:
             pass
@@ -163,6 +168,9 @@ class S3Outage:
         for trig in self.triggers:
             if trig.matches(method, path):
                 trig.fired_at = time.monotonic()
+                if trig.stall:
+                    self.stalled_at = trig.fired_at
+                    return False
                 self.down(trig.seconds)
                 return True
         return False
