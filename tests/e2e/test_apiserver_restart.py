@@ -1,0 +1,96 @@
+"""kube-apiserver restarted while an e2e trainer runs through the dev node agent: the
+trainer's progress patches (lorajobs/status, as its own ServiceAccount) keep landing after
+the API server comes back (progress.step grows past what it was before the restart), and
+the job Succeeds. Uses the reliability suite's restart helper (SIGTERM, same arguments).
+
+The tiny model trains at anywhere from 0.1 to 2 s a step on the shared machine, so the test
+makes the outage straddle training for sure: the trainer runs on while the API server is
+down (its patches fail: "cannot patch" in its log), then its process group is SIGSTOPped
+until the API server is ready again and SIGCONTed, so the rest of training (and every
+patch that must land) happens after the restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import TinyModel, kubectl, kubectl_json, tiny_job
+from tests.e2e.test_lifecycle import wait_phase
+from tests.reliability.test_operator_faults import _restart_apiserver
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+def _step(ci: Any, ns: str, name: str) -> tuple[str, int]:
+    status = (kubectl_json(ci, "-n", ns, "get", "lorajob", name) or {}).get("status") or {}
+    return status.get("phase", ""), int((status.get("progress") or {}).get("step") or 0)
+
+
+def test_trainer_progress_survives_apiserver_restart(cluster: Any, operator: Any,
+                                                     namespace: str, tiny_model: TinyModel,
+                                                     dataset: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    name = "apisrv"
+    job = tiny_job(name, namespace, tiny_model, dataset, cluster.s3_bucket,
+                   max_steps=150, save_steps=75)
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(job))
+    kubectl(cluster, "apply", "-f", str(manifest))
+    deadline = time.monotonic() + 600
+    before = 0
+    while time.monotonic() < deadline:
+        phase, before = _step(cluster, namespace, name)
+        assert phase not in ("Failed", "Succeeded"), phase
+        if before >= 3:
+            break
+        time.sleep(0.5)
+    assert before >= 3, "training never started"
+    (pod,) = (kubectl_json(cluster, "-n", namespace, "get", "pods", "-l",
+                           f"lorajob.dev/job-name={name}") or {})["items"]
+    pid = int((Path(cluster.state_dir) / "nodeagent" / "pods" / pod["metadata"]["uid"] /
+               "containers" / "trainer" / "pid").read_text())
+    downtime: list[float] = []
+    restart = threading.Thread(target=lambda: downtime.append(_restart_apiserver(cluster)))
+    restart.start()
+    readyz = [str(cluster.kubectl), "--kubeconfig", str(cluster.kubeconfig), "get", "--raw",
+              "/readyz", "--request-timeout=2s"]
+    while subprocess.run(readyz, capture_output=True).returncode == 0:
+        time.sleep(0.2)
+    time.sleep(4)  # the trainer trains on and fails to patch while the server is down
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        restart.join(300)
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    assert downtime, "kube-apiserver did not come back"
+    down = downtime[0]
+    phase, at_return = _step(cluster, namespace, name)
+    assert phase not in ("Failed", "Succeeded"), phase
+    # Patches made after the restart: the step must grow past what the server had on return.
+    deadline = time.monotonic() + 600
+    after = at_return
+    while time.monotonic() < deadline and after <= at_return:
+        phase, after = _step(cluster, namespace, name)
+        if phase in ("Failed", "Succeeded"):
+            break
+        time.sleep(1)
+    assert after > at_return, (at_return, after, phase)
+    obj = wait_phase(cluster, namespace, name, {"Succeeded", "Failed"}, 900)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["progress"]["step"] == 150, obj["status"]["progress"]
+    pods = (kubectl_json(cluster, "-n", namespace, "get", "pods", "-l",
+                         f"lorajob.dev/job-name={name}") or {})["items"]
+    assert len(pods) == 1, "the trainer pod was replaced: the restart was not ridden out"
+    log = (Path(cluster.state_dir) / "logs" / "pods" /
+           f"{namespace}_{pods[0]['metadata']['name']}_trainer.log").read_text()
+    assert "cannot patch LoRAJob" in log, "the trainer never saw the API server down"
+    print(f"\nAPISERVER-RESTART down {down:.1f}s; step {before} before, {at_return} on return, "
+          f"{after} after; Succeeded")
