@@ -206,8 +206,8 @@ def load_note(loads: Iterable[float], nproc: int) -> str:
     load1 = max(loads, default=0.0)
     if load1 < nproc:
         return ""
-    return (f"the machine was shared (1-min load up to {load1:.1f} on {nproc} cores while "
-            "this ran): figures are pessimistic")
+    return (f"the machine was shared (1-min load up to {load1:.1f} on {nproc} cores when a "
+            "part started, from other engineers' test runs): figures are pessimistic")
 
 
 # --------------------------------------------------------------------------- the local cluster

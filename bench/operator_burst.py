@@ -553,6 +553,7 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
         first_job = min(stamps.job_seen.values(), default=t_start)
         bench_reqs: Counter[RequestKey] = Counter({("POST", f"{GROUP}/{PLURAL}", "", "2xx"): n})
         reqs = summarize_requests(diff_request_totals(before, after), n, bench_reqs)
+        reqs["reset"] = any(after.get(k, 0) < v for k, v in before.items())  # apiserver restarted
         result.update({
             "apply_seconds": t_applied - t_start,
             "apply_rate": n / max(t_applied - t_start, 1e-9),

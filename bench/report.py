@@ -159,11 +159,18 @@ def _meta_line(section: dict[str, Any]) -> str:
     m = section.get("machine") or {}
     if not m:
         return ""
-    note = load_note(m.get("load_seen") or m.get("load") or [], int(m.get("nproc") or 0))
+    seen = m.get("load_seen") or m.get("load") or []
+    note = load_note(seen[:1], int(m.get("nproc") or 0))  # at the start: others' load
     return (f"_Measured {m.get('date')} at commit `{m.get('commit')}`, command "
-            f"`{section.get('command', 'python -m bench')}`; 1-min load before/after "
+            f"`{section.get('command', 'python -m bench')}`; 1-min load at start/end "
             f"{', '.join(fmt(x, 1) for x in (m.get('load_seen') or m.get('load') or [])[:3])}"
             f"{'; ' + note if note else ''}._\n")
+
+
+def _reqs(req: dict[str, Any]) -> str:
+    if req.get("reset") or req.get("total_per_job", 0) < 1:
+        return "n/a ²"
+    return f"{fmt(req['operator_per_job'], 1)} / {fmt(req['total_per_job'], 1)}"
 
 
 def burst_section(data: dict[str, Any]) -> str:
@@ -191,10 +198,13 @@ def burst_section(data: dict[str, Any]) -> str:
             f"| {r['n']:,} | {'yes' if r['restart'] else 'no'} | {fmt(r['apply_rate'], 0)}/s "
             f"| {fmt(r['jobs_per_second'], 1)} | {fmt(r['to_job_p50'])} s | {fmt(r['to_job_p99'])} s "
             f"| {fmt(r['to_succeeded_p50'])} s | {fmt(r['to_succeeded_p99'])} s "
-            f"| {fmt(req['operator_per_job'], 1)} / {fmt(req['total_per_job'], 1)} "
+            f"| {_reqs(req)} "
             f"| {fmt(r['operator_cpu_seconds'], 1)} s | {fmt(r['operator_cpu_ms_per_job'], 0)} "
             f"| {fmt(r['operator_peak_rss_mb'], 0)} MB | {r['lost']} | {r['duplicated']} "
             f"| {r.get('not_succeeded', 0)} |")
+    if any(_reqs(r["requests"]) == "n/a ²" for r in runs):
+        lines += ["", "² The API server restarted during this run (another suite restarts the "
+                  "shared cluster's kube-apiserver), which resets its request counters."]
     lines.append("")
     normal = {r["n"]: r for r in runs if not r["restart"]}
     if len(normal) >= 2:
@@ -222,6 +232,21 @@ def burst_section(data: dict[str, Any]) -> str:
         lines.append("")
     if BURST_PNG.exists():
         lines += ["![latency and throughput vs N](bench/operator_burst.png)", ""]
+    history = data.get("burst_history") or []
+    if history:
+        lines += ["Earlier runs of this benchmark (kept to show the spread on a shared machine):",
+                  "", "| measured | load at start | N | restart | jobs/s | p99 → Job | peak RSS "
+                  "| CPU ms / job | not Succeeded |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for old in history:
+            m = old.get("machine") or {}
+            for r in sorted(old.get("runs") or [], key=lambda r: (r["n"], bool(r["restart"]))):
+                lines.append(
+                    f"| {m.get('date')} | {fmt((m.get('load_seen') or [math.nan])[0], 1)} "
+                    f"| {r['n']:,} | {'yes' if r['restart'] else 'no'} "
+                    f"| {fmt(r['jobs_per_second'], 1)} | {fmt(r['to_job_p99'])} s "
+                    f"| {fmt(r['operator_peak_rss_mb'], 0)} MB "
+                    f"| {fmt(r['operator_cpu_ms_per_job'], 0)} | {r.get('not_succeeded', 0)} |")
+        lines.append("")
     big = _at(data)
     if big:
         lines += [f"API requests at N = {big['n']:,}, per LoRAJob (whole cluster: the operator, "
@@ -364,11 +389,19 @@ def render(data: dict[str, Any], notes: dict[str, str] | None = None,
         f"{fmt((data.get('meta') or {}).get('wall_seconds'), 0)} s, commit `{m.get('commit')}`.",
         "",
     ]
-    note = load_note((data.get("meta") or {}).get("loads") or [], int(m.get("nproc") or 0))
-    if note:
-        head += [f"**Load**: {note}. The local cluster (etcd, kube-apiserver, controller "
-                 "manager, scheduler, kwok, SeaweedFS), the operator and the load generator "
-                 "all share these cores.", ""]
+    full = data.get("meta_full") or {}
+    if full and full is not data.get("meta") and full != data.get("meta"):
+        head += [f"**Last full `make bench`** (every part): {((full.get('machine') or {}).get('date'))}, "
+                 f"wall time {fmt(full.get('wall_seconds'), 0)} s "
+                 f"({fmt((full.get('wall_seconds') or math.nan) / 60, 1)} min).", ""]
+    starts = [((data.get(k) or {}).get("machine") or {}).get("load_seen", [0.0])[0]
+              for k in ("burst", "steady", "data", "trainer") if data.get(k)]
+    note = load_note(starts, int(m.get("nproc") or 0))
+    head += ["**Load**: " + (f"{note}. " if note else "") + "The local cluster (etcd, "
+             "kube-apiserver, controller manager, scheduler, kwok, SeaweedFS), the operator and "
+             "the load generator all share these 2 cores, so a burst itself drives the load to "
+             "4-5; the 1-min load at the start of each part (other engineers' test runs) is in "
+             "its section.", ""]
     head += ["## Goals", "", "| figure | measured | goal | verdict |", "|---|---:|---:|---|"]
     head += [f"| {w} | {v} | {g} | {t} |" for w, v, g, t, _ in rows]
     head.append("")
@@ -381,6 +414,8 @@ def render(data: dict[str, Any], notes: dict[str, str] | None = None,
                 continue
             head.append(f"- **{row[0]}** ({row[1]}): {notes.get(key, 'see its section below.')}")
         head.append("")
+    if notes.get("_findings"):
+        head += ["### Found along the way", "", notes["_findings"].strip(), ""]
     errors = data.get("errors") or {}
     if errors:
         head += ["### Parts that failed in the last run", ""]
