@@ -280,7 +280,7 @@ class Controller:
         if derived.escalate:
             return await self._escalate(key, body, spec, attempt)
         return await self._apply(key, body, derived,
-                                 retry=manifest is not None and manifest.verified is None)
+                                 retry=derived.requeue or (manifest is not None and manifest.verified is None))
 
     async def _apply(self, key: Key, body: Obj, derived: Derived, retry: bool = False) -> bool:
         if derived.patch:

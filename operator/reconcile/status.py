@@ -46,6 +46,9 @@ Phase = api.Phase
 CT = api.ConditionType
 SPEC_CHANGE_REJECTED = "SpecChangeRejected"
 MAX_MESSAGE = 2048
+# How long after a Job completed its trainer pod's final state may still be on its way (the
+# Job's watch event can arrive first); past it, a missing result is the trainer's fault.
+POD_STATUS_GRACE_SECONDS = 60.0
 
 Obj = Mapping[str, Any]
 
@@ -80,6 +83,7 @@ class Derived:
     events: list[Event] = field(default_factory=list)
     escalate: bool = False  # the attempt ran out of memory and budget remains: re-plan up
     result: contract.TrainerResult | None = None  # when the current attempt's pod succeeded
+    requeue: bool = False  # look again later even if no watch event comes
 
 
 # --------------------------------------------------------------------------- small readers
@@ -238,10 +242,17 @@ class _Verdict:
     escalate: bool = False
     result: contract.TrainerResult | None = None
     event_type: str = "Normal"
+    requeue: bool = False  # waiting on something no watch event may announce
+
+
+def _pod_status_overdue(job: Obj, now: dt.datetime) -> bool:
+    """Whether the Job completed so long ago that a missing pod state will not arrive."""
+    done = parse_time((job.get("status") or {}).get("completionTime"))
+    return done is not None and (now - done).total_seconds() > POD_STATUS_GRACE_SECONDS
 
 
 def _job_verdict(lorajob: Obj, job: Obj | None, pods: list[Obj], attempt: int,
-                 manifest: ManifestCheck | None) -> _Verdict:
+                 manifest: ManifestCheck | None, now: dt.datetime) -> _Verdict:
     spec = lorajob.get("spec") or {}
     run_policy = spec.get("runPolicy") or {}
     want_suspend = bool(run_policy.get("suspend"))
@@ -263,6 +274,11 @@ def _job_verdict(lorajob: Obj, job: Obj | None, pods: list[Obj], attempt: int,
         term = trainer_state(pod or {}).get("terminated") or {}
         result, raw = parse_result(term.get("message"))
         node = ((pod or {}).get("spec") or {}).get("nodeName") or node
+        if result is None and not term and not _pod_status_overdue(job, now):
+            # The Job's watch event can overtake the pod's: its final state is on its way.
+            return _Verdict(Phase.UPLOADING, "WaitingForPodStatus",
+                            "the trainer Job completed; reading the trainer pod's result",
+                            node=node, requeue=True)
         if result is None:
             return _Verdict(Phase.FAILED, "NoResult",
                             "the trainer exited 0 but left no result in its termination "
@@ -454,7 +470,8 @@ def derive_status(lorajob: Obj, job: Obj | None, pods: Sequence[Obj], settings: 
     stamp = now_rfc3339(now)
     generation = (lorajob.get("metadata") or {}).get("generation")
     attempt = int(status.get("attempts") or 1)
-    verdict = _job_verdict(lorajob, job, list(pods), attempt, manifest)
+    verdict = _job_verdict(lorajob, job, list(pods), attempt, manifest,
+                           now or dt.datetime.now(dt.UTC))
 
     desired = _phase_conditions(verdict.phase, verdict.reason, verdict.message, placement)
     if verdict.scheduled is not None:
@@ -508,7 +525,7 @@ def derive_status(lorajob: Obj, job: Obj | None, pods: Sequence[Obj], settings: 
             not _true({"status": status}, SPEC_CHANGE_REJECTED):
         events.append(Event("Warning", "ImmutableFieldChanged", desired[SPEC_CHANGE_REJECTED][2]))
     return Derived(phase=verdict.phase, patch=patch, events=events, escalate=verdict.escalate,
-                   result=verdict.result)
+                   result=verdict.result, requeue=verdict.requeue)
 
 
 def _same_conditions(a: Sequence[Obj], b: Sequence[Obj]) -> bool:
