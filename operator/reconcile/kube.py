@@ -20,12 +20,19 @@ from lora_operator.reconcile.status import ManifestCheck
 log = logging.getLogger(__name__)
 
 
-def load_kube_config() -> None:
-    """In-cluster credentials in a pod, else the kubeconfig ($KUBECONFIG or ~/.kube/config)."""
+def load_kube_config(pool_size: int = 10) -> None:
+    """In-cluster credentials in a pod, else the kubeconfig ($KUBECONFIG or ~/.kube/config).
+
+    `pool_size` should cover the reconcile workers: with fewer HTTP connections than
+    workers, urllib3 discards and reopens connections under load ("Connection pool is full").
+    """
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    cfg = client.Configuration.get_default_copy()
+    cfg.connection_pool_maxsize = max(pool_size, cfg.connection_pool_maxsize or 0)
+    client.Configuration.set_default(cfg)
 
 
 class Kube:

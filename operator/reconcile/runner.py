@@ -76,7 +76,7 @@ def run_operator(args: argparse.Namespace) -> int:
     if not verbose:  # "Handler 'pod_event' succeeded." for every watch event is noise
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings = load_settings(getattr(args, "config", None))
-    load_kube_config()
+    load_kube_config(pool_size=settings.max_workers + 4)  # workers + kopf's own watch calls
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=settings.max_workers, thread_name_prefix="lora-reconcile")
     instance = getattr(args, "instance", None) or os.environ.get(INSTANCE_ENV) or None
