@@ -64,7 +64,8 @@ NOTES = {
         "`Complete` can reach the operator before the pod's terminated state does, and the "
         "status derivation then fails the job at once. 21 of 1,000 LoRAJobs in the earlier full "
         "run (\"Earlier runs\" in the burst section), 7 of 1,000 and 1 of 100 in other runs; "
-        "0 in the last run at lower load. Proposal 1 below.\n"
+        "0 in the last run at lower load. Fixed after these runs (proposal 1, commit \"Operator: a Job that "
+        "completes before its pod's final state is watched waits\"), with unit tests.\n"
         "- **Lost or duplicated Jobs: none** in any run, SIGKILL mid-burst included "
         "(deterministic Job names, 409 = adopt).\n"
         "- **The local cluster is shared**: another suite's kube-apiserver restart "
@@ -81,9 +82,9 @@ NOTES = {
 }
 
 PROPOSALS = """
-## Proposed changes (not made here: other engineers' files)
+## Proposed changes (1 and 4 done since; the rest are next steps)
 
-1. **Correctness — `operator/reconcile/status.py`, `_job_verdict`** (the `Complete` /
+1. **Done after these runs.** **Correctness — `operator/reconcile/status.py`, `_job_verdict`** (the `Complete` /
    `SuccessCriteriaMet` branch): when the Job is complete but no pod of the attempt in the
    operator's pod index has a terminated trainer container yet (the pod watch lags the Job watch
    under load, or the index has not seen the pod at all), it returns `Failed/NoResult` at once.
@@ -108,7 +109,8 @@ PROPOSALS = """
    `status.containerStatuses`; Jobs: metadata, `spec.suspend`, `status`; LoRAJobs: as today. Saves
    the 5 % of CPU in `_snapshot` and most of the per-job RSS (a pod object is the biggest of the
    three); `derive_status` reads only these fields.
-4. **`operator/reconcile/kube.py`, `load_kube_config`**: raise the client's urllib3 pool to at
+4. **Done after these runs** (pool = workers + 4).
+   **`operator/reconcile/kube.py`, `load_kube_config`**: raise the client's urllib3 pool to at
    least `Settings.max_workers` (`cfg = client.Configuration.get_default_copy();
    cfg.connection_pool_maxsize = 32; client.Configuration.set_default(cfg)`, or pass the size
    in). Today the pool is 10 (5 × cores) for 20 workers: the operator logs "Connection pool is
