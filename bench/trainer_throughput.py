@@ -234,8 +234,25 @@ def section(cpu: dict[str, Any], gpu: dict[str, dict[str, Any]] | None, command:
                   "| GPU, 8B-shaped, QLoRA | not measured: no GPU in this run | | | | |"]
     lines += ["", "Where the gain comes from: packing (best-fit decreasing) with position-id, "
               "block-diagonal attention instead of padding every row to the batch's longest, and "
-              "no evaluation inside the timed loop.", ""]
+              "no evaluation inside the timed loop.", "", goal_verdict(cpu), ""]
     return "\n".join(lines)
+
+
+GOAL_RATIO = 1.5
+
+
+def goal_verdict(cpu: dict[str, Any]) -> str:
+    """The issue's goal (≥ 1.5× the recipe's tokens/s at no more peak memory), said plainly."""
+    met = cpu["ratio"] >= GOAL_RATIO and cpu["ours"]["peak_gib"] <= cpu["baseline"]["peak_gib"]
+    if met:
+        return f"Goal (≥ {GOAL_RATIO}× tokens/s at no more peak memory): **met** on CPU ({cpu['ratio']:.2f}×)."
+    return (f"Goal (≥ {GOAL_RATIO}× tokens/s at no more peak memory): **missed** on CPU "
+            f"({cpu['ratio']:.2f}×). Why: on a 2-core CPU with a 4-layer × 128 model the step time is "
+            "dominated by per-step work that packing does not remove (optimizer, Python, data "
+            "collation), so the padded tokens the baseline wastes cost little; the gain packing buys "
+            "is in attention/MLP FLOPs, which only a real model on a GPU exposes. Next step: the GPU "
+            "rows (8B-shaped LoRA and QLoRA) on a lent GPU, then a fused/chunked loss if the ratio "
+            "is still short.")
 
 
 def main() -> None:
