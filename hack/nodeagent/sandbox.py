@@ -9,7 +9,10 @@ before handing over to the image's entrypoint:
    names, read-only where asked. The mounts live in this process's own mount namespace, so
    two pods can both see ``/var/run/secrets/kubernetes.io/serviceaccount`` with their own
    token, and nothing changes for the host (except empty placeholder mount points, which a
-   bind mount needs to exist);
+   bind mount needs to exist). A volume mounted over an ancestor of this checkout or of the
+   Python installation (an emptyDir at ``/tmp`` while the checkout is ``/tmp/x``) would hide
+   the interpreter, the venv and the other volumes' sources, so each such path is bound back
+   on top from a descriptor opened before any mount;
 2. asks the kernel to SIGKILL it when the agent dies (``PR_SET_PDEATHSIG``), so a crashed
    agent never leaves training processes behind;
 3. changes to the working directory and ``execve``s the container's command with its
@@ -30,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+MS_BIND, MS_REC = 4096, 16384
+# Host paths every container needs to stay visible: this checkout (venv, editable sources,
+# the agent's state with the volumes' sources) and the Python installation behind the venv.
+KEEP_VISIBLE = (Path(__file__).resolve().parents[2], Path(sys.base_prefix).resolve())
 # Exit statuses that mirror what a runtime reports when it cannot start a container.
 EXIT_MOUNT_FAILED = 128
 EXIT_NOT_FOUND = 127
@@ -63,6 +70,33 @@ def _mount(mount: dict[str, Any]) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def _hidden_by(target: Path, keep: Path) -> bool:
+    return keep == target or target in keep.parents
+
+
+def _rebind(fd: int, path: Path) -> None:
+    """Bind `path`'s original directory (held open as `fd`) back over whatever now hides it.
+
+    Through libc, not mount(8): the tool would canonicalise /proc/self/fd/N back to the
+    hidden path name."""
+    path.mkdir(parents=True, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(f"/proc/self/fd/{fd}".encode(), str(path).encode(), None, MS_BIND | MS_REC, None) != 0:
+        raise OSError(ctypes.get_errno(), f"re-exposing {path}")
+
+
+def mount_all(mounts: list[dict[str, Any]]) -> None:
+    keep = {path: os.open(path, os.O_PATH) for path in KEEP_VISIBLE if path.is_dir()}
+    for mount in sorted(mounts, key=lambda m: len(m["target"])):
+        _mount(mount)
+        target = Path(mount["target"])
+        for path, fd in keep.items():
+            if _hidden_by(target, path):
+                _rebind(fd, path)
+    for fd in keep.values():
+        os.close(fd)
+
+
 def _die_with_parent(parent: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -73,8 +107,7 @@ def _die_with_parent(parent: int) -> None:
 def main(argv: list[str]) -> None:
     spec = json.loads(Path(argv[1]).read_text())
     try:
-        for mount in sorted(spec.get("mounts", []), key=lambda m: len(m["target"])):
-            _mount(mount)
+        mount_all(spec.get("mounts", []))
     except subprocess.CalledProcessError as exc:
         stderr = exc.stderr.decode(errors="replace") if exc.stderr else ""
         _fail(EXIT_MOUNT_FAILED, f"mount failed: {exc.cmd}: {stderr.strip()}")
