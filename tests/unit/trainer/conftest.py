@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,18 @@ EXAMPLES = REPO / "examples" / "data"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ() -> Iterator[None]:
+    """Put os.environ back after every test. The libraries the trainer drives write to it
+    (transformers sets ACCELERATE_USE_DEEPSPEED=true for TrainingArguments with a DeepSpeed
+    config), and a leftover would steer a later test's in-process or child run into
+    DeepSpeed's MPI discovery."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def build_tokenizer(folder: Path) -> Any:
