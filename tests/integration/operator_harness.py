@@ -29,42 +29,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The peering CRDs kopf needs for `--peering` (from kopf's documentation, peering.yaml).
-PEERING_CRDS = """
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: clusterkopfpeerings.kopf.dev}
-spec:
-  scope: Cluster
-  group: kopf.dev
-  names: {kind: ClusterKopfPeering, plural: clusterkopfpeerings, singular: clusterkopfpeering}
-  versions:
-    - name: v1
-      served: true
-      storage: true
-      schema:
-        openAPIV3Schema:
-          type: object
-          properties:
-            status: {type: object, x-kubernetes-preserve-unknown-fields: true}
----
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: kopfpeerings.kopf.dev}
-spec:
-  scope: Namespaced
-  group: kopf.dev
-  names: {kind: KopfPeering, plural: kopfpeerings, singular: kopfpeering}
-  versions:
-    - name: v1
-      served: true
-      storage: true
-      schema:
-        openAPIV3Schema:
-          type: object
-          properties:
-            status: {type: object, x-kubernetes-preserve-unknown-fields: true}
-"""
+# The peering CRDs kopf needs for `--peering`: the chart's own copy, one source.
+PEERING_CRDS = (REPO / "charts" / "lora-operator" / "crds" / "kopf-peering.yaml").read_text()
 
 
 class Kube:
