@@ -67,8 +67,14 @@ class Kube:
         return items
 
     def create_namespace(self, prefix: str) -> str:
+        """A fresh namespace, returned only once its `default` ServiceAccount exists: the
+        controller-manager creates it asynchronously, and until then every pod create in the
+        namespace is refused ("serviceaccount default not found") before admission runs."""
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         self.run("create", "namespace", name)
+        self.wait_for(f"ServiceAccount {name}/default",
+                      lambda: self.run("-n", name, "get", "serviceaccount", "default",
+                                       "-o", "name", check=False))
         return name
 
     def delete_namespace(self, name: str) -> None:

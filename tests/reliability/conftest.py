@@ -19,15 +19,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import yaml
 
 from tests.e2e.conftest import cluster, dataset, node_agent, s3, tiny_model  # noqa: F401
 from tests.integration.conftest import local_cluster  # noqa: F401
+from tests.integration.operator_harness import Kube
+from tests.reliability.kwokjobs import put_model_config
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINER = str(REPO / ".venv" / "bin" / "lora-trainer")
 DATA = REPO / "examples" / "data"
+
+
+@pytest.fixture(scope="module")
+def kube(local_cluster: Any) -> Kube:  # noqa: F811 (the fixture imported above)
+    return Kube(str(local_cluster.kubectl), str(local_cluster.kubeconfig))
+
+
+@pytest.fixture(scope="module")
+def s3k(local_cluster: Any) -> Any:  # noqa: F811 (the fixture imported above)
+    client = boto3.client("s3", endpoint_url=local_cluster.s3_endpoint,
+                          aws_access_key_id=local_cluster.s3_access_key,
+                          aws_secret_access_key=local_cluster.s3_secret_key,
+                          region_name=local_cluster.s3_region)
+    put_model_config(client)
+    return client
 
 
 @dataclass

@@ -107,11 +107,6 @@ def api(local_cluster: Any) -> client.CustomObjectsApi:
 
 
 @pytest.fixture(scope="module")
-def kube(local_cluster: Any) -> Kube:
-    return Kube(str(local_cluster.kubectl), str(local_cluster.kubeconfig))
-
-
-@pytest.fixture(scope="module")
 def ns(kube: Kube) -> Iterator[str]:
     name = kube.create_namespace("hostile")
     yield name

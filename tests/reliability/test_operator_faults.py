@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import yaml
 
@@ -30,7 +29,6 @@ from tests.reliability.kwokjobs import (
     failure,
     jobs_of,
     lorajob,
-    put_model_config,
     start_operator,
     success,
     tracebacks,
@@ -38,21 +36,6 @@ from tests.reliability.kwokjobs import (
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 INSTANCE = f"rel-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture(scope="module")
-def kube(local_cluster: Any) -> Kube:
-    return Kube(str(local_cluster.kubectl), str(local_cluster.kubeconfig))
-
-
-@pytest.fixture(scope="module")
-def s3k(local_cluster: Any) -> Any:
-    client = boto3.client("s3", endpoint_url=local_cluster.s3_endpoint,
-                          aws_access_key_id=local_cluster.s3_access_key,
-                          aws_secret_access_key=local_cluster.s3_secret_key,
-                          region_name=local_cluster.s3_region)
-    put_model_config(client)
-    return client
 
 
 @pytest.fixture

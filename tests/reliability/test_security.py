@@ -14,12 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import yaml
 
 from tests.integration.operator_harness import Kube
-from tests.reliability.kwokjobs import lorajob, put_model_config, start_operator, success, tracebacks
+from tests.reliability.kwokjobs import lorajob, start_operator, success, tracebacks
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[2]
@@ -60,21 +59,6 @@ OPERATOR_REMOVED = {
     "events": {"patch"},
     "events.events.k8s.io": {"create", "patch"},
 }
-
-
-@pytest.fixture(scope="module")
-def kube(local_cluster: Any) -> Kube:
-    return Kube(str(local_cluster.kubectl), str(local_cluster.kubeconfig))
-
-
-@pytest.fixture(scope="module")
-def s3k(local_cluster: Any) -> Any:
-    client = boto3.client("s3", endpoint_url=local_cluster.s3_endpoint,
-                          aws_access_key_id=local_cluster.s3_access_key,
-                          aws_secret_access_key=local_cluster.s3_secret_key,
-                          region_name=local_cluster.s3_region)
-    put_model_config(client)
-    return client
 
 
 @pytest.fixture
