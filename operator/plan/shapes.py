@@ -15,6 +15,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,16 +224,30 @@ def local_path(base: BaseModelSpec) -> Path | None:
     return None
 
 
-def _read_s3(base: BaseModelSpec, timeout: float) -> dict[str, Any]:
-    import boto3
-    from botocore.config import Config
+_S3_CLIENTS: dict[tuple[str | None, float], Any] = {}
+_S3_CLIENTS_LOCK = threading.Lock()
 
+
+def _s3_client(endpoint: str | None, timeout: float) -> Any:
+    """One boto3 client per endpoint (they are thread-safe): building one costs ~8 MB and
+    tens of ms of CPU, and a burst of jobs would otherwise build one per worker at once."""
+    with _S3_CLIENTS_LOCK:
+        client = _S3_CLIENTS.get((endpoint, timeout))
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client("s3", endpoint_url=endpoint, config=Config(
+                connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}))
+            _S3_CLIENTS[(endpoint, timeout)] = client
+        return client
+
+
+def _read_s3(base: BaseModelSpec, timeout: float) -> dict[str, Any]:
     bucket, _, prefix = base.uri.removeprefix("s3://").partition("/")
     key = (prefix.rstrip("/") + "/config.json").lstrip("/")
     endpoint = base.endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT")
-    client = boto3.client("s3", endpoint_url=endpoint, config=Config(
-        connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}))
-    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    body = _s3_client(endpoint, timeout).get_object(Bucket=bucket, Key=key)["Body"].read()
     return dict(json.loads(body))
 
 
@@ -288,41 +303,67 @@ def _with_deadline(fetch: Fetch, base: BaseModelSpec, timeout: float) -> dict[st
     raise FetchError(f"no answer within {timeout:g} s")
 
 
-_CACHE: dict[tuple[str, str | None, str | None], ShapeSource] = {}
+ShapeKey = tuple[str, str | None, str | None, str | None]
+_CACHE: dict[ShapeKey, ShapeSource] = {}
+# A failed read is remembered briefly so that a burst on an unreachable model does not wait
+# out one fetch deadline per job behind the single-flight lock.
+_FAILED: dict[ShapeKey, tuple[float, str]] = {}
+FAILURE_TTL_S = 15.0
 _CACHE_LOCK = threading.Lock()
+_KEY_LOCKS: dict[ShapeKey, threading.Lock] = {}
 
 
 def clear_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()
+        _FAILED.clear()
+        _KEY_LOCKS.clear()
+
+
+def _key_lock(key: ShapeKey) -> threading.Lock:
+    with _CACHE_LOCK:
+        return _KEY_LOCKS.setdefault(key, threading.Lock())
 
 
 def resolve_shape(base: BaseModelSpec, *, fetch: Fetch = default_fetch,
                   timeout: float = 10.0) -> ShapeSource:
     """The base model's shape and its source; ShapeUnavailable when nothing trustworthy.
 
-    Successful reads of config.json are cached in-process by (uri, revision, ggufFile): a
-    model's config does not change under a fixed revision, and the operator re-plans often.
+    Successful reads of config.json are cached in-process by (uri, revision, ggufFile,
+    endpoint): a model's config does not change under a fixed revision, and the operator
+    re-plans often.
     """
-    key = (base.uri, base.revision, base.gguf_file)
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
+    key = (base.uri, base.revision, base.gguf_file, base.endpoint)
+    with _key_lock(key):  # single flight: a burst on one base model reads its config once
+        with _CACHE_LOCK:
+            if key in _CACHE:
+                return _CACHE[key]
+        return _resolve_uncached(base, key, fetch, timeout)
+
+
+def _resolve_uncached(base: BaseModelSpec, key: ShapeKey, fetch: Fetch,
+                      timeout: float) -> ShapeSource:
     tried: list[str] = []
     gguf = base.gguf_file or base.uri.endswith(".gguf")
     what = "GGUF metadata" if gguf else "config.json"
     remote = base.uri.startswith(("s3://", "hf://"))
-    try:
-        # Only network reads need the hard deadline; a local file is read (and gguf imported)
-        # in this thread, however slow the first import is.
-        config = _with_deadline(fetch, base, timeout) if remote else fetch(base, timeout)
-        found = ShapeSource(shape_from_config(config), f"{what} at {base.uri}"
-                            + (f" ({base.gguf_file})" if base.gguf_file else ""))
-        with _CACHE_LOCK:
-            _CACHE[key] = found
-        return found
-    except (FetchError, ValueError, OSError) as exc:
-        tried.append(f"{what} at {base.uri}: {exc}")
+    failed = _FAILED.get(key)
+    if failed is not None and time.monotonic() - failed[0] < FAILURE_TTL_S:
+        tried.append(failed[1])
+    else:
+        try:
+            # Only network reads need the hard deadline; a local file is read (and gguf
+            # imported) in this thread, however slow the first import is.
+            config = _with_deadline(fetch, base, timeout) if remote else fetch(base, timeout)
+            found = ShapeSource(shape_from_config(config), f"{what} at {base.uri}"
+                                + (f" ({base.gguf_file})" if base.gguf_file else ""))
+            with _CACHE_LOCK:
+                _CACHE[key] = found
+                _FAILED.pop(key, None)
+            return found
+        except (FetchError, ValueError, OSError) as exc:
+            tried.append(f"{what} at {base.uri}: {exc}")
+            _FAILED[key] = (time.monotonic(), tried[-1])
     if base.shape is not None:
         return ShapeSource(base.shape, "spec.baseModel.shape")
     tried.append("spec.baseModel.shape: not set")

@@ -51,6 +51,7 @@ from lora_operator.settings import Settings
 
 log = logging.getLogger("lora_operator.controller")
 T = TypeVar("T")
+K = TypeVar("K", bound=tuple[Any, ...])
 Key = tuple[str, str]
 Obj = Mapping[str, Any]
 EventPoster = Callable[[Obj, Event], None]
@@ -68,6 +69,17 @@ def _newest(*objs: Obj | None) -> Obj | None:
     """The freshest of several copies of one object (watch cache vs our own writes)."""
     present = [o for o in objs if o]
     return max(present, key=_rv) if present else None
+
+
+def _fresher(seen: Obj | None, written: dict[K, Obj], key: K) -> Obj | None:
+    """The newer of the watch's copy and our own last write; our copy only bridges the time
+    until the watch delivers it, so it is dropped once the watch has caught up (kept, a
+    thousand finished jobs would hold a second full copy of every LoRAJob and Job)."""
+    mine = written.get(key)
+    if mine is not None and seen is not None and _rv(seen) >= _rv(mine):
+        del written[key]
+        return seen
+    return _newest(seen, mine)
 
 
 def local_uri_problem(spec: api.LoRAJobSpec, settings: Settings) -> str | None:
@@ -185,11 +197,11 @@ class Controller:
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
     def _lorajob(self, key: Key) -> Obj | None:
-        return _newest(self.view.lorajob(key), self._written.get(key))
+        return _fresher(self.view.lorajob(key), self._written, key)
 
     def _job(self, key: Key, attempt: int) -> Obj | None:
         name = names.job_name(key[1], attempt)
-        return _newest(self.view.jobs(key).get(name), self._jobs_written.get((key, name)))
+        return _fresher(self.view.jobs(key).get(name), self._jobs_written, (key, name))
 
     def _emit(self, body: Obj, events: list[Event]) -> None:
         for ev in events:

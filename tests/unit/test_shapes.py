@@ -188,3 +188,52 @@ def test_remote_gguf_falls_back_to_the_table() -> None:
                          gguf_file="model.gguf")
     got = resolve_shape(base, timeout=1)
     assert got.shape == KNOWN_SHAPES["smollm2-135m"]
+
+
+def test_a_burst_on_one_model_reads_its_config_once() -> None:
+    """20 workers planning jobs on one base model at once: one read, every one gets the shape."""
+    import concurrent.futures
+    import threading
+    import time
+
+    calls: list[str] = []
+    gate = threading.Lock()
+
+    def slow(base: BaseModelSpec, timeout: float) -> dict[str, Any]:
+        with gate:
+            calls.append(base.uri)
+        time.sleep(0.2)
+        return LLAMA_31_8B_CONFIG
+
+    base = BaseModelSpec(uri="s3://models/llama/")
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        got = list(pool.map(lambda _: resolve_shape(base, fetch=slow, timeout=5), range(20)))
+    assert calls == ["s3://models/llama/"]
+    assert all(g.shape == KNOWN_SHAPES["llama-3.1-8b"] for g in got)
+
+
+def test_a_failed_read_is_not_repeated_within_the_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def fail(base: BaseModelSpec, timeout: float) -> dict[str, Any]:
+        calls.append(base.uri)
+        raise FetchError("unreachable")
+
+    base = BaseModelSpec(uri="s3://models/gone/", architecture="llama-2-7b")
+    for _ in range(3):
+        got = resolve_shape(base, fetch=fail, timeout=1)
+        assert got.shape == KNOWN_SHAPES["llama-2-7b"]
+    assert len(calls) == 1
+    clock = shapes.time.monotonic() + shapes.FAILURE_TTL_S + 1
+    monkeypatch.setattr(shapes.time, "monotonic", lambda: clock)
+    resolve_shape(base, fetch=fail, timeout=1)
+    assert len(calls) == 2  # read again once the failure is old
+
+
+def test_same_uri_on_another_endpoint_is_another_model() -> None:
+    small = {**LLAMA_31_8B_CONFIG, "num_hidden_layers": 2}
+    a = resolve_shape(BaseModelSpec(uri="s3://models/x/", endpoint="https://a.example.com"),
+                      fetch=_fetch_ok(LLAMA_31_8B_CONFIG), timeout=1)
+    b = resolve_shape(BaseModelSpec(uri="s3://models/x/", endpoint="https://b.example.com"),
+                      fetch=_fetch_ok(small), timeout=1)
+    assert (a.shape.num_hidden_layers, b.shape.num_hidden_layers) == (32, 2)
