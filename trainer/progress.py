@@ -28,6 +28,7 @@ from lora_operator.contract import PROGRESS_FIELD_MANAGER, JobIdentity
 log = logging.getLogger(__name__)
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+FINAL_PATCH_ATTEMPTS = 5
 
 
 def emit(event: str, /, **fields: Any) -> None:
@@ -101,7 +102,21 @@ class StatusPatcher:
         self.failed_once = False
         self.context = ssl.create_default_context(cafile=cluster.ca_file)
 
-    def apply(self, progress: api.Progress) -> bool:
+    def apply(self, progress: api.Progress, attempts: int = 1, backoff: float = 1.0) -> bool:
+        """One patch, or up to `attempts` with doubling waits while the API server is away
+        (connection refused, 5xx, 429): the final patch is the one the user reads after the
+        run, so it is worth a few seconds; an answer like 403 or 404 is not retried."""
+        for attempt in range(attempts):
+            retryable = self._apply_once(progress)
+            if retryable is None:
+                return True
+            if not retryable or attempt == attempts - 1:
+                return False
+            time.sleep(backoff * 2 ** attempt)
+        return False
+
+    def _apply_once(self, progress: api.Progress) -> bool | None:
+        """None when applied; else whether trying again could help."""
         body = json.dumps(status_patch(self.job, progress)).encode()  # JSON is valid YAML
         request = urllib.request.Request(  # noqa: S310 (https to the API server only)
             self.cluster.host + status_path(self.job), data=body, method="PATCH",
@@ -110,13 +125,15 @@ class StatusPatcher:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout,  # noqa: S310
                                         context=self.context):
-                return True
+                return None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             if not self.failed_once:
                 log.warning("cannot patch LoRAJob %s/%s status (continuing without): %s",
                             self.job.namespace, self.job.name, exc)
                 self.failed_once = True
-            return False
+            if isinstance(exc, urllib.error.HTTPError):
+                return exc.code >= 500 or exc.code == 429
+            return not isinstance(exc, ValueError)
 
 
 @dataclass
@@ -148,9 +165,10 @@ class ProgressReporter:
             self.patcher.apply(progress)
 
     def finish(self) -> None:
-        """The final patch, so status shows the last step even inside the throttle window."""
+        """The final patch, so status shows the last step even inside the throttle window;
+        retried for about 15 s (1 + 2 + 4 + 8) should the API server be restarting."""
         if self.latest is not None and self.patcher is not None:
-            self.patcher.apply(self.latest)
+            self.patcher.apply(self.latest, attempts=FINAL_PATCH_ATTEMPTS)
 
     def _draw(self, p: api.Progress, final: bool) -> None:
         assert self.bar is not None

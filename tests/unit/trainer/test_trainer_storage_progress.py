@@ -147,3 +147,41 @@ def test_reporter_writes_lines_and_throttles_status_patches(caplog: pytest.LogCa
     assert not dead.apply(progress.snapshot(1, 3, None, 1.0, None, 10, 1.0))
     assert not dead.apply(progress.snapshot(2, 3, None, 1.0, None, 10, 1.0))
     assert sum("cannot patch" in r.message for r in caplog.records) == 1
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """Answers `codes` in turn (an API server restarting), then 200."""
+
+    codes: ClassVar[list[int]] = []
+    seen: ClassVar[int] = 0
+
+    def do_PATCH(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _Flaky.seen += 1
+        code = _Flaky.codes.pop(0) if _Flaky.codes else 200
+        self.send_response(code)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("codes", "applied", "calls"), [
+    ([503, 503], True, 3),   # the final patch outlives an API server restart
+    ([403], False, 1),       # refused: asking again cannot help
+])
+def test_final_patch_is_retried_only_while_the_server_is_away(
+        codes: list[int], applied: bool, calls: int) -> None:
+    _Flaky.codes, _Flaky.seen = list(codes), 0
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    job = JobIdentity(name="j", namespace="ns", uid="u")
+    patcher = progress.StatusPatcher(job, progress.InCluster(f"http://127.0.0.1:{server.server_port}",
+                                                             "tok", None))
+    try:
+        got = patcher.apply(progress.snapshot(3, 3, None, 1.0, None, 10, 1.0),
+                            attempts=4, backoff=0.01)
+    finally:
+        server.shutdown()
+    assert (got, _Flaky.seen) == (applied, calls)
