@@ -29,29 +29,36 @@ PARTS = ("burst", "steady", "data", "trainer")
 # of 2026-11-23; shown in BENCHMARKS.md only for goals that are missed).
 NOTES = {
     "burst_rate": (
-        "CPU, not waiting. The operator spends 105-140 ms of CPU per LoRAJob over its life "
-        "(\"CPU ms / job\" above, flat from N = 100 to 1,000) and shares 2 cores with etcd, the "
-        "API server, the controller manager, kwok, the load generator and other test suites, "
-        "so 1,000 jobs need 110-130 CPU-seconds that it gets at well under one core; 50 jobs/s "
-        "on this machine would need ≲ 20 ms per job on the path to the Job. "
-        "Even the client that creates the LoRAJobs reaches only the \"apply\" rate in the table "
-        "here. A py-spy profile of the operator (N = 100) puts 33 % of its samples in "
+        "CPU, not waiting. The operator spends 70-90 ms of CPU per LoRAJob over its life "
+        "(\"CPU ms / job\" above; 105-140 ms before proposals 2 and 3, see \"Earlier runs\") "
+        "and shares 2 cores with etcd, the API server, the controller manager, kwok and the load "
+        "generator, so 1,000 jobs need 85-90 CPU-seconds that it gets at well under one core; "
+        "50 jobs/s on this machine would need ≲ 20 ms per job on the path to the Job. A py-spy "
+        "profile of the operator before proposals 2 and 3 (N = 100) put 33 % of its samples in "
         "kubernetes-client calls (status PATCHes 20 %, creates 15 %), 12 % in JSON decoding "
-        "(kopf's watch streams, client responses), 10 % in deepcopy (`handlers._snapshot` 5 %, "
-        "kopf 5 %) and 4 % in config.json reads. Next step: proposals 2-5 below, then re-measure "
-        "on a machine with cores to spare (the figure here is a floor)."),
+        "(kopf's watch streams, client responses), 10 % in deepcopy and 4 % in config.json "
+        "reads; the last two are gone. Next step: proposal 5 (fewer status writes: a third of "
+        "the remaining client time), then re-measure on a machine with cores to spare (the "
+        "figure here is a floor)."),
     "burst_p99": (
         "follows from the rate: LoRAJobs wait in the operator's queue, so the last of N gets its "
-        "Job after ≈ N / rate. Next step: the rate (above); then let planning + Job creation "
-        "of new LoRAJobs go before status patches of running ones (a second executor or a "
-        "priority queue), so a burst is not queued behind status work."),
+        "Job after ≈ N / rate (at N = 100 the p99 is within the goal). Next step: the rate "
+        "(above); then let planning + Job creation of new LoRAJobs go before status patches of "
+        "running ones (a second executor or a priority queue), so a burst is not queued behind "
+        "status work."),
     "burst_rss": (
         "126 MB is imports alone (kubernetes client 62 MB, kopf 15, pydantic + API 10, one boto3 "
-        "S3 client 24). At the start of a burst every worker reads the same config.json at once "
-        "with its own boto3 client (the log shows ~15 \"Found credentials\" per burst): 15 "
-        "concurrent clients measured +118 MB, which is why even N = 20 peaks near 300 MB. At "
-        "N = 1,000 the rest is full copies of every LoRAJob, Job and pod in the kopf indexes and "
-        "the controller's `_written`/`_jobs_written` caches. Next step: proposals 2 and 3."),
+        "S3 client 24). Proposals 2 and 3 took the N = 1,000 peak from 507 to 373 MB and "
+        "N = 100 from 296 to 171 MB: one boto3 client and one config.json read per model instead "
+        "of one per worker, and indexes that hold a projection of each Job and pod (our indexes "
+        "are now ≈ 4 MB per 1,000 Jobs + pods, measured with tracemalloc). "
+        "What is left is not our caches: a tracemalloc run of the operator (N = 400) found "
+        "≈ 100 MB of Python heap after the burst, 43 MB of it code and imports and 23 MB raw "
+        "watch events waiting in kopf's per-object queues; the rest of the RSS is memory the "
+        "interpreter and native libraries keep after the burst's peak (glibc arenas are not it: "
+        "`MALLOC_ARENA_MAX=2` gave 369 vs 370 MB at N = 1,000). Next step: a memray profile of "
+        "the peak, and kopf's batching window (`settings.batching`) tuned so fewer raw events "
+        "queue at once."),
     "burst_lost": (
         "no Job was lost, but some LoRAJobs ended **Failed (NoResult)** although their pod "
         "succeeded with a valid TrainerResult: a race in the status derivation (proposal 1). "
@@ -82,7 +89,7 @@ NOTES = {
 }
 
 PROPOSALS = """
-## Proposed changes (1 and 4 done since; the rest are next steps)
+## Proposed changes (1-4 done; the rest are next steps)
 
 1. **Done after these runs.** **Correctness — `operator/reconcile/status.py`, `_job_verdict`** (the `Complete` /
    `SuccessCriteriaMet` branch): when the Job is complete but no pod of the attempt in the
@@ -97,13 +104,15 @@ PROPOSALS = """
    terminated carries no parseable result, or when no such pod appears within a grace period
    (e.g. 60 s after `Job.status.completionTime`, for pods deleted before they were seen).
    A unit test: Job Complete + pod still Running in the index → not Failed.
-2. **`operator/plan/shapes.py`**: single-flight `resolve_shape` per `(uri, revision, ggufFile)`
+2. **Done** (figures in the burst table; before: "Earlier runs").
+   **`operator/plan/shapes.py`**: single-flight `resolve_shape` per `(uri, revision, ggufFile)`
    (a per-key `threading.Lock` taken from a dict under `_CACHE_LOCK`, re-checking `_CACHE` after
    acquiring it), and in `_read_s3` reuse one boto3 client per endpoint (a module-level dict under
    a lock; boto3 clients are thread-safe). A burst of N jobs on one base model then reads
    config.json once instead of once per worker: −100 MB peak RSS (15 concurrent clients measured
    +118 MB) and the first Jobs of a burst no longer wait behind 15-20 client constructions.
-3. **`operator/reconcile/handlers.py`, the three `kopf.index` functions**: store a projection
+3. **Done**, together with dropping the controller's own-write caches once the watch has caught
+   up. **`operator/reconcile/handlers.py`, the three `kopf.index` functions**: store a projection
    instead of `copy.deepcopy` of the whole body — pods: metadata (name, labels, uid,
    creationTimestamp, resourceVersion), `spec.nodeName`, `status.phase`, `status.conditions`,
    `status.containerStatuses`; Jobs: metadata, `spec.suspend`, `status`; LoRAJobs: as today. Saves
