@@ -197,3 +197,38 @@ def tiny_job(name: str, namespace: str, model: TinyModel, data: dict[str, str], 
             "runPolicy": {"backoffLimit": backoff_limit},
         },
     }
+
+
+def write_job(job: dict[str, Any], tmp_path: Path) -> Path:
+    """The LoRAJob as a file, for `kubectl apply -f` as a user would run it."""
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(job))
+    return manifest
+
+
+def trainer_pods(ci: Any, ns: str, name: str) -> list[dict[str, Any]]:
+    """The LoRAJob's trainer pods, oldest first."""
+    pods = kubectl_json(ci, "-n", ns, "get", "pods", "-l", f"lorajob.dev/job-name={name}")
+    return sorted((pods or {}).get("items", []), key=lambda p: p["metadata"]["creationTimestamp"])
+
+
+def trainer_pid(ci: Any, pod: dict[str, Any]) -> int:
+    """The trainer process of a pod the dev node agent runs (it leads its process group)."""
+    return int((Path(ci.state_dir) / "nodeagent" / "pods" / pod["metadata"]["uid"] /
+                "containers" / "trainer" / "pid").read_text())
+
+
+def wait_for_step(ci: Any, ns: str, name: str, at_least: int, what: str,
+                  timeout: float = 600) -> int:
+    """Poll status.progress until training reaches `at_least` steps; the job must not have
+    finished before (that would mean the test missed its moment)."""
+    deadline = time.monotonic() + timeout
+    step = 0
+    while time.monotonic() < deadline:
+        status = (kubectl_json(ci, "-n", ns, "get", "lorajob", name) or {}).get("status") or {}
+        assert status.get("phase") not in ("Failed", "Succeeded"), status
+        step = int((status.get("progress") or {}).get("step") or 0)
+        if step >= at_least:
+            return step
+        time.sleep(0.5)
+    raise AssertionError(what)

@@ -20,9 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.e2e.conftest import TinyModel, kubectl, kubectl_json, tiny_job
+from tests.e2e.conftest import (
+    TinyModel,
+    kubectl,
+    kubectl_json,
+    tiny_job,
+    trainer_pid,
+    trainer_pods,
+    wait_for_step,
+    write_job,
+)
 from tests.e2e.test_lifecycle import wait_phase
 from tests.reliability.test_operator_faults import _restart_apiserver
 
@@ -41,22 +49,11 @@ def test_trainer_progress_survives_apiserver_restart(cluster: Any, operator: Any
     name = "apisrv"
     job = tiny_job(name, namespace, tiny_model, dataset, cluster.s3_bucket,
                    max_steps=150, save_steps=75)
-    manifest = tmp_path / "job.yaml"
-    manifest.write_text(yaml.safe_dump(job))
+    manifest = write_job(job, tmp_path)
     kubectl(cluster, "apply", "-f", str(manifest))
-    deadline = time.monotonic() + 600
-    before = 0
-    while time.monotonic() < deadline:
-        phase, before = _step(cluster, namespace, name)
-        assert phase not in ("Failed", "Succeeded"), phase
-        if before >= 3:
-            break
-        time.sleep(0.5)
-    assert before >= 3, "training never started"
-    (pod,) = (kubectl_json(cluster, "-n", namespace, "get", "pods", "-l",
-                           f"lorajob.dev/job-name={name}") or {})["items"]
-    pid = int((Path(cluster.state_dir) / "nodeagent" / "pods" / pod["metadata"]["uid"] /
-               "containers" / "trainer" / "pid").read_text())
+    before = wait_for_step(cluster, namespace, name, 3, "training never started")
+    (pod,) = trainer_pods(cluster, namespace, name)
+    pid = trainer_pid(cluster, pod)
     downtime: list[float] = []
     restart = threading.Thread(target=lambda: downtime.append(_restart_apiserver(cluster)))
     restart.start()
@@ -86,8 +83,7 @@ def test_trainer_progress_survives_apiserver_restart(cluster: Any, operator: Any
     obj = wait_phase(cluster, namespace, name, {"Succeeded", "Failed"}, 900)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     assert obj["status"]["progress"]["step"] == 150, obj["status"]["progress"]
-    pods = (kubectl_json(cluster, "-n", namespace, "get", "pods", "-l",
-                         f"lorajob.dev/job-name={name}") or {})["items"]
+    pods = trainer_pods(cluster, namespace, name)
     assert len(pods) == 1, "the trainer pod was replaced: the restart was not ridden out"
     log = (Path(cluster.state_dir) / "logs" / "pods" /
            f"{namespace}_{pods[0]['metadata']['name']}_trainer.log").read_text()

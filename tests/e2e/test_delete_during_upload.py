@@ -15,9 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.e2e.conftest import TinyModel, kubectl, kubectl_json, tiny_job
+from tests.e2e.conftest import (
+    TinyModel,
+    kubectl,
+    kubectl_json,
+    tiny_job,
+    trainer_pid,
+    trainer_pods,
+    write_job,
+)
 from tests.e2e.test_lifecycle import PhaseRecorder
 from tests.reliability.faults import S3Outage, wait_until
 
@@ -49,8 +56,7 @@ def test_lorajob_deleted_during_upload(cluster: Any, operator: Any, namespace: s
     prefix = f"e2e/adapters/{namespace}/{name}/"
     for o in s3.list_objects_v2(Bucket=cluster.s3_bucket, Prefix=prefix).get("Contents", []):
         s3.delete_object(Bucket=cluster.s3_bucket, Key=o["Key"])
-    manifest = tmp_path / "job.yaml"
-    manifest.write_text(yaml.safe_dump(job))
+    manifest = write_job(job, tmp_path)
     rec = PhaseRecorder(cluster, namespace, name)
     results_seen: list[Any] = []
     try:
@@ -62,12 +68,9 @@ def test_lorajob_deleted_during_upload(cluster: Any, operator: Any, namespace: s
         status = live["status"]
         results_seen.append(status.get("result"))
         assert status["phase"] in ("Running", "Uploading"), status
-        (pod,) = [p for p in (kubectl_json(cluster, "-n", namespace, "get", "pods", "-l",
-                                           f"lorajob.dev/job-name={name}") or {})["items"]]
+        (pod,) = trainer_pods(cluster, namespace, name)
         assert pod["status"]["phase"] == "Running", pod["status"]
-        pid_file = (Path(cluster.state_dir) / "nodeagent" / "pods" / pod["metadata"]["uid"] /
-                    "containers" / "trainer" / "pid")
-        pid = int(pid_file.read_text())
+        pid = trainer_pid(cluster, pod)
         uid = live["metadata"]["uid"]
 
         t0 = time.monotonic()

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.e2e.conftest import TinyModel, kubectl, kubectl_json, tiny_job
+from tests.e2e.conftest import TinyModel, kubectl, kubectl_json, tiny_job, write_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[2]
@@ -82,8 +81,7 @@ def test_lorajob_end_to_end(cluster: Any, operator: Any, namespace: str, s3: Any
     name = "tiny"
     job = tiny_job(name, namespace, tiny_model, dataset, cluster.s3_bucket,
                    max_steps=8, save_steps=4)
-    manifest = tmp_path / "job.yaml"
-    manifest.write_text(yaml.safe_dump(job))
+    manifest = write_job(job, tmp_path)
     rec = PhaseRecorder(cluster, namespace, name)
     kubectl(cluster, "apply", "-f", str(manifest))
     try:

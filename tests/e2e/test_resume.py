@@ -6,22 +6,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.e2e.conftest import TinyModel, kubectl, kubectl_json, tiny_job
+from tests.e2e.conftest import (
+    TinyModel,
+    kubectl,
+    tiny_job,
+    trainer_pid,
+    trainer_pods,
+    wait_for_step,
+    write_job,
+)
 from tests.e2e.test_lifecycle import wait_phase
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]
-
-
-def _trainer_pods(ci: Any, ns: str, name: str) -> list[dict[str, Any]]:
-    pods = kubectl_json(ci, "-n", ns, "get", "pods", "-l", f"lorajob.dev/job-name={name}")
-    return sorted((pods or {}).get("items", []), key=lambda p: p["metadata"]["creationTimestamp"])
 
 
 def test_killed_trainer_resumes_from_its_checkpoint(cluster: Any, operator: Any, namespace: str,
@@ -31,30 +32,17 @@ def test_killed_trainer_resumes_from_its_checkpoint(cluster: Any, operator: Any,
     name = "resume"
     job = tiny_job(name, namespace, tiny_model, dataset, cluster.s3_bucket,
                    max_steps=40, save_steps=4, backoff_limit=3)
-    manifest = tmp_path / "job.yaml"
-    manifest.write_text(yaml.safe_dump(job))
+    manifest = write_job(job, tmp_path)
     kubectl(cluster, "apply", "-f", str(manifest))
 
     # Wait until a checkpoint exists (progress past the first saveSteps), then kill.
-    deadline = time.monotonic() + 600
-    step = 0
-    while time.monotonic() < deadline:
-        obj = kubectl_json(cluster, "-n", namespace, "get", "lorajob", name) or {}
-        status = obj.get("status") or {}
-        assert status.get("phase") not in ("Failed", "Succeeded"), status
-        step = int((status.get("progress") or {}).get("step") or 0)
-        if step >= 6:
-            break
-        time.sleep(0.5)
-    assert step >= 6, "training never got past the first checkpoint"
-    (pod,) = _trainer_pods(cluster, namespace, name)
-    pid_file = (Path(cluster.state_dir) / "nodeagent" / "pods" / pod["metadata"]["uid"] /
-                "containers" / "trainer" / "pid")
-    os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+    wait_for_step(cluster, namespace, name, 6, "training never got past the first checkpoint")
+    (pod,) = trainer_pods(cluster, namespace, name)
+    os.killpg(trainer_pid(cluster, pod), signal.SIGKILL)
 
     obj = wait_phase(cluster, namespace, name, {"Succeeded", "Failed"}, 900)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
-    pods = _trainer_pods(cluster, namespace, name)
+    pods = trainer_pods(cluster, namespace, name)
     assert len(pods) >= 2, "the Job did not retry"
     first = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
     assert first["exitCode"] == 137

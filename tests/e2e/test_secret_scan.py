@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.e2e.conftest import TinyModel, kubectl, kubectl_json, tiny_job
+from tests.e2e.conftest import TinyModel, kubectl, tiny_job, trainer_pods, write_job
 from tests.e2e.test_lifecycle import wait_phase
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -40,14 +39,12 @@ def test_secret_never_surfaces_end_to_end(cluster: Any, operator: Any, namespace
     job = tiny_job(name, namespace, tiny_model, dataset, cluster.s3_bucket,
                    max_steps=4, save_steps=2)
     job["spec"]["output"]["credentialsSecret"] = secret_name
-    manifest = tmp_path / "job.yaml"
-    manifest.write_text(yaml.safe_dump(job))
+    manifest = write_job(job, tmp_path)
     kubectl(cluster, "apply", "-f", str(manifest))
     obj = wait_phase(cluster, namespace, name, {"Succeeded", "Failed"}, 900)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
 
-    pods = (kubectl_json(cluster, "-n", namespace, "get", "pods", "-l",
-                         f"lorajob.dev/job-name={name}") or {})["items"]
+    pods = trainer_pods(cluster, namespace, name)
     assert pods
     # The job really used this Secret (by reference), so the scan is meaningful.
     env = pods[0]["spec"]["containers"][0]["env"]
