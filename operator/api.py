@@ -154,6 +154,7 @@ class ConditionType(str, enum.Enum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    DATASET_VALIDATED = "DatasetValidated"
 
 
 # --------------------------------------------------------------------------- spec parts
@@ -243,6 +244,20 @@ class TestSplitSpec(ApiModel):
     uri: str = Field(pattern=DATA_URI_PATTERN, max_length=1024, description="Test file location.")
 
 
+class PreflightSpec(ApiModel):
+    """The dataset check a CPU-only pod runs before any GPU is requested."""
+
+    enabled: bool = Field(default=True, description=(
+        "Run the dataset preflight (lora-trainer preflight) in a CPU-only Job before the "
+        "trainer Job; its report goes to status.dataset."))
+    max_overlap_fraction: float = Field(default=0.1, ge=0.0, le=1.0, description=(
+        "Fail when more than this fraction of the validation or test rows also appear in "
+        "train (or test rows in validation), compared by normalised text (0.1 = 10 %)."))
+    max_truncated_fraction: float = Field(default=1.0, ge=0.0, le=1.0, description=(
+        "Fail when more than this fraction of the training rows is longer than "
+        "training.maxSeqLength. A split where every row is truncated always fails."))
+
+
 class DatasetSpec(ApiModel):
     """The training data."""
 
@@ -262,6 +277,9 @@ class DatasetSpec(ApiModel):
                     "defaults to output.credentialsSecret.")
     endpoint: str | None = Field(default=None, pattern=ENDPOINT_PATTERN, max_length=512,
                                  description="S3 endpoint for s3:// data; defaults to output.endpoint.")
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec, description=(
+        "The dataset check before any GPU is requested: rows, format, token lengths, "
+        "truncation, duplicates, split overlap and refused rows."))
 
 
 class LoraSpec(ApiModel):
@@ -542,6 +560,63 @@ class Result(ApiModel):
     merged_uri: str | None = Field(default=None, description="Merged model location.")
 
 
+class TokenLength(ApiModel):
+    """Token counts per row with the base model's tokenizer (chat template applied)."""
+
+    p50: int | None = Field(default=None, description="Median tokens per row.")
+    p95: int | None = Field(default=None, description="95th percentile of tokens per row.")
+    max: int | None = Field(default=None, description="Longest row in tokens.")
+
+
+class SplitReport(ApiModel):
+    """What the preflight found in one split."""
+
+    rows: int = Field(default=0, description="Rows read (refused ones included).")
+    refused: int = Field(default=0, description="Rows the trainer would refuse.")
+    token_length: TokenLength | None = Field(default=None, description="Tokens per row.")
+    truncated_percent: float | None = Field(default=None, description=(
+        "Percent of rows longer than training.maxSeqLength."))
+    duplicates: int = Field(default=0, description=(
+        "Rows whose normalised text already appeared earlier in the split."))
+
+
+class DatasetSplits(ApiModel):
+    train: SplitReport | None = Field(default=None, description="The training split.")
+    validation: SplitReport | None = Field(default=None, description="The validation split.")
+    test: SplitReport | None = Field(default=None, description="The test split, when set.")
+
+
+class DatasetOverlap(ApiModel):
+    """Rows of a held-out split whose normalised text is also in another split."""
+
+    train_validation: int = Field(default=0, description="Validation rows also in train.")
+    train_test: int = Field(default=0, description="Test rows also in train.")
+    validation_test: int = Field(default=0, description="Test rows also in validation.")
+    max_fraction: float = Field(default=0.0, description=(
+        "The largest of those counts as a fraction of its held-out split."))
+
+
+class RefusedRow(ApiModel):
+    file: str = Field(description="File the row came from.")
+    line: int = Field(description="Line (jsonl) or record number (json, parquet), from 1.")
+    reason: str = Field(description="Why the trainer would refuse it.")
+
+
+class DatasetReport(ApiModel):
+    """The dataset preflight's report (lora-trainer preflight)."""
+
+    verdict: Literal["Passed", "Failed"] = Field(description="Passed or Failed.")
+    reason: str = Field(default="", description="CamelCase reason, e.g. InvalidDataset.")
+    message: str = Field(default="", description="Human-readable summary.")
+    format: str | None = Field(default=None, description="Row format detected or given.")
+    max_seq_length: int | None = Field(default=None, description="training.maxSeqLength used.")
+    splits: DatasetSplits | None = Field(default=None, description="Per-split figures.")
+    overlap: DatasetOverlap | None = Field(default=None, description="Exact overlap between splits.")
+    refused: list[RefusedRow] = Field(default_factory=list, description=(
+        "The first refused rows with file:line and reason."))
+    checked_at: str | None = Field(default=None, description="When the report was read (RFC 3339).")
+
+
 class Cost(ApiModel):
     gpu_hours: float | None = Field(default=None, description="GPU-hours used by all attempts.")
     estimated_usd: float | None = Field(default=None, alias="estimatedUSD",
@@ -559,6 +634,7 @@ class LoRAJobStatus(ApiModel):
     progress: Progress | None = Field(default=None, description="Training progress.")
     attempts: int | None = Field(default=None, description="Trainer attempts so far.")
     result: Result | None = Field(default=None, description="Final result.")
+    dataset: DatasetReport | None = Field(default=None, description="The dataset preflight's report.")
     cost: Cost | None = Field(default=None, description="GPU-hours and estimated cost.")
     start_time: str | None = Field(default=None, description="When training first started.")
     completion_time: str | None = Field(default=None, description="When the job finished.")
