@@ -60,7 +60,8 @@ def _load_jobs(path: str) -> list[api.LoRAJob]:
 def _plan_one(job: api.LoRAJob, settings: Settings, timeout: float) -> dict[str, Any]:
     out: dict[str, Any] = {"name": job.metadata.name, "namespace": job.metadata.namespace}
     try:
-        source: ShapeSource = resolve_shape(job.spec.base_model, timeout=timeout)
+        source: ShapeSource = resolve_shape(job.spec.base_model, timeout=timeout,
+                                              settings=settings)
     except ShapeUnavailable as exc:
         return {**out, "shapeSource": None, "error": str(exc)}
     decision: PlacementDecision = place(job.spec, source.shape, settings)

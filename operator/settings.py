@@ -69,6 +69,30 @@ class Settings(_Model):
     trainer_memory: str = Field(default="32Gi", description="Memory request of trainer pods.")
     progress_interval_seconds: float = Field(default=5.0, ge=1.0, description=(
         "Least time between two progress patches from a trainer."))
+    manifest_verify_timeout_seconds: float = Field(default=900.0, ge=1.0, le=86400, description=(
+        "How long after a trainer finished its adapter's manifest may stay unverifiable "
+        "(storage not answering) before the job fails with ManifestUnverified."))
+    # ---- multi-tenant policy (issue 13): what a LoRAJob may name; see README "Security model"
+    signed_endpoints: list[str] | None = Field(default=None, description=(
+        "S3 endpoints the operator signs its own reads (config.json, manifest.json) for. "
+        "Unset: only its own endpoint (s3Endpoint, else $AWS_ENDPOINT_URL, else AWS). Any "
+        "other endpoint a job names gets anonymous (unsigned) requests."))
+    storage_prefixes: dict[str, list[str]] = Field(default_factory=dict, description=(
+        "Namespace → URI prefixes its jobs may write adapters and checkpoints under; the key "
+        "'*' covers every namespace not listed, '{namespace}' in a prefix is the job's "
+        "namespace. Empty mapping: no restriction (single-tenant clusters)."))
+    allow_trust_remote_code: bool = Field(default=False, description=(
+        "Whether jobs may set spec.baseModel.trustRemoteCode (runs the model repo's code)."))
+    allowed_toleration_keys: list[str] | None = Field(default=None, description=(
+        "Toleration keys jobs may add (spec.resources.tolerations); unset: any key except "
+        "the empty key that tolerates every taint."))
+    allowed_priority_classes: list[str] | None = Field(default=None, description=(
+        "PriorityClass names jobs may use; unset: any."))
+    allowed_secrets: list[str] | None = Field(default=None, description=(
+        "Secret names (shell-style patterns) jobs may name in credentialsSecret fields; "
+        "unset: any Secret of the job's own namespace."))
+    dev_mode: bool = Field(default=False, description=(
+        "Copy kwok.lorajob.dev/* annotations onto trainer pods (local kwok test clusters)."))
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:

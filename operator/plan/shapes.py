@@ -11,6 +11,7 @@ worse than a clear refusal now.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lora_operator.api import BaseModelSpec, ModelShape
+from lora_operator.settings import Settings, load_settings
 
 PVC_ROOT_ENV = "LORA_PVC_ROOT"  # where pvc://claim/path is mounted: $LORA_PVC_ROOT/claim/path
 DEFAULT_PVC_ROOT = "/mnt/pvc"
@@ -224,30 +226,20 @@ def local_path(base: BaseModelSpec) -> Path | None:
     return None
 
 
-_S3_CLIENTS: dict[tuple[str | None, float], Any] = {}
-_S3_CLIENTS_LOCK = threading.Lock()
+def _read_s3(base: BaseModelSpec, timeout: float, settings: Settings | None) -> dict[str, Any]:
+    """config.json through `objectstore.read_object`: signed only for the operator's own
+    endpoints, at most 1 MiB, within the timeout (no thread left behind)."""
+    from lora_operator import objectstore
 
-
-def _s3_client(endpoint: str | None, timeout: float) -> Any:
-    """One boto3 client per endpoint (they are thread-safe): building one costs ~8 MB and
-    tens of ms of CPU, and a burst of jobs would otherwise build one per worker at once."""
-    with _S3_CLIENTS_LOCK:
-        client = _S3_CLIENTS.get((endpoint, timeout))
-        if client is None:
-            import boto3
-            from botocore.config import Config
-
-            client = boto3.client("s3", endpoint_url=endpoint, config=Config(
-                connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}))
-            _S3_CLIENTS[(endpoint, timeout)] = client
-        return client
-
-
-def _read_s3(base: BaseModelSpec, timeout: float) -> dict[str, Any]:
+    chosen = (settings or load_settings()).model_copy(
+        update={"config_read_timeout_seconds": timeout})
     bucket, _, prefix = base.uri.removeprefix("s3://").partition("/")
     key = (prefix.rstrip("/") + "/config.json").lstrip("/")
-    endpoint = base.endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT")
-    body = _s3_client(endpoint, timeout).get_object(Bucket=bucket, Key=key)["Body"].read()
+    try:
+        body = objectstore.read_object(f"s3://{bucket}/{key}", endpoint=base.endpoint,
+                                       region=chosen.s3_region, settings=chosen)
+    except objectstore.ObjectStoreError as exc:
+        raise FetchError(str(exc)) from None
     return dict(json.loads(body))
 
 
@@ -260,8 +252,12 @@ def _read_hf(base: BaseModelSpec, timeout: float) -> dict[str, Any]:
     return dict(json.loads(Path(path).read_text()))
 
 
-def default_fetch(base: BaseModelSpec, timeout: float) -> dict[str, Any]:
-    """config.json (or GGUF metadata) as a dict from the model's location; FetchError if not."""
+def default_fetch(base: BaseModelSpec, timeout: float,
+                  settings: Settings | None = None) -> dict[str, Any]:
+    """config.json (or GGUF metadata) as a dict from the model's location; FetchError if not.
+
+    `settings` decide which S3 endpoints are signed for (None: the operator's settings file).
+    """
     try:
         local = local_path(base)
         if local is not None:
@@ -273,7 +269,7 @@ def default_fetch(base: BaseModelSpec, timeout: float) -> dict[str, Any]:
         if base.gguf_file:
             raise FetchError("GGUF metadata is only read from local files")
         if base.uri.startswith("s3://"):
-            return _read_s3(base, timeout)
+            return _read_s3(base, timeout, settings)
         if base.uri.startswith("hf://"):
             return _read_hf(base, timeout)
         raise FetchError("no mounted path for this pvc:// uri here")
@@ -325,14 +321,16 @@ def _key_lock(key: ShapeKey) -> threading.Lock:
         return _KEY_LOCKS.setdefault(key, threading.Lock())
 
 
-def resolve_shape(base: BaseModelSpec, *, fetch: Fetch = default_fetch,
-                  timeout: float = 10.0) -> ShapeSource:
+def resolve_shape(base: BaseModelSpec, *, fetch: Fetch | None = None,
+                  timeout: float = 10.0, settings: Settings | None = None) -> ShapeSource:
     """The base model's shape and its source; ShapeUnavailable when nothing trustworthy.
 
     Successful reads of config.json are cached in-process by (uri, revision, ggufFile,
     endpoint): a model's config does not change under a fixed revision, and the operator
-    re-plans often.
+    re-plans often. `settings` reach the default fetch (which endpoints are signed for).
     """
+    if fetch is None:
+        fetch = functools.partial(default_fetch, settings=settings)
     key = (base.uri, base.revision, base.gguf_file, base.endpoint)
     with _key_lock(key):  # single flight: a burst on one base model reads its config once
         with _CACHE_LOCK:
@@ -346,7 +344,8 @@ def _resolve_uncached(base: BaseModelSpec, key: ShapeKey, fetch: Fetch,
     tried: list[str] = []
     gguf = base.gguf_file or base.uri.endswith(".gguf")
     what = "GGUF metadata" if gguf else "config.json"
-    remote = base.uri.startswith(("s3://", "hf://"))
+    # s3:// reads carry their own deadline (objectstore); the hub client needs the thread.
+    remote = base.uri.startswith("hf://")
     failed = _FAILED.get(key)
     if failed is not None and time.monotonic() - failed[0] < FAILURE_TTL_S:
         tried.append(failed[1])

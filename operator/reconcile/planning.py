@@ -62,7 +62,7 @@ def _initial_decision(spec: api.LoRAJobSpec, settings: Settings) -> tuple[Any, P
         return None, PlanOutcome(None, reason="PlannerUnavailable", message=str(exc),
                                  retryable=True)
     try:
-        shape = shapes.resolve_shape(spec.base_model,
+        shape = shapes.resolve_shape(spec.base_model, settings=settings,
                                      timeout=settings.config_read_timeout_seconds)
     except shapes.ShapeUnavailable as exc:
         return None, PlanOutcome(None, reason="ModelShapeUnavailable", message=(
