@@ -46,7 +46,7 @@ lint: install
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p lora_operator -p lora_trainer
 
 crds: install
-	$(PY) -m lora_operator.crd crds/lorajob.yaml --readme README.md
+	$(PY) -m lora_operator.crd crds/lorajob.yaml --sweep-crd crds/lorasweep.yaml --readme README.md
 
 cluster-build:
 	bash hack/cluster/build.sh

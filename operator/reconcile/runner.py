@@ -67,9 +67,10 @@ def _priority(args: argparse.Namespace) -> int:
 
 def run_operator(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM; returns the process exit status."""
-    from lora_operator.reconcile import handlers
+    from lora_operator.reconcile import handlers, sweep_handlers
     from lora_operator.reconcile.controller import Controller
     from lora_operator.reconcile.kube import Kube, load_kube_config
+    from lora_operator.reconcile.sweep_controller import SweepController, SweepKube
 
     verbose = bool(getattr(args, "verbose", False))
     kopf.configure(verbose=verbose, log_format=_log_format(args))
@@ -81,6 +82,7 @@ def run_operator(args: argparse.Namespace) -> int:
         max_workers=settings.max_workers, thread_name_prefix="lora-reconcile")
     instance = getattr(args, "instance", None) or os.environ.get(INSTANCE_ENV) or None
     handlers.install(Controller(settings, Kube(), executor), instance=instance)
+    sweep_handlers.install(SweepController(SweepKube(), executor))  # LoRASweeps, same workers
 
     port = int(getattr(args, "metrics_port", 0) or 0)
     metrics.serve(port)
