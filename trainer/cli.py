@@ -71,10 +71,8 @@ def local_identity(job: api.LoRAJob, manifest_text: str) -> JobIdentity:
                        uid=job.metadata.uid or f"local-{digest[:16]}")
 
 
-def local_config(job_file: Path, output: str | None, device: str) -> TrainerConfig:
-    """A TrainerConfig for `lora-trainer run`: the manifest, planned for this machine."""
-    from lora_trainer.plan_local import plan_local
-
+def read_manifest(job_file: Path, output: str | None = None) -> tuple[api.LoRAJob, str]:
+    """A LoRAJob manifest from disk (local shorthands resolved) and its text."""
     try:
         text = job_file.read_text()
         raw = yaml.safe_load(text)
@@ -85,9 +83,16 @@ def local_config(job_file: Path, output: str | None, device: str) -> TrainerConf
         if output:
             raw.setdefault("spec", {}).setdefault("output", {})["uri"] = output
     try:
-        job = api.parse_lorajob(raw if isinstance(raw, dict) else {})
+        return api.parse_lorajob(raw if isinstance(raw, dict) else {}), text
     except api.SpecError as exc:
         raise TrainerError(ExitCode.CONFIG, f"{job_file}: {exc}") from None
+
+
+def local_config(job_file: Path, output: str | None, device: str) -> TrainerConfig:
+    """A TrainerConfig for `lora-trainer run`: the manifest, planned for this machine."""
+    from lora_trainer.plan_local import plan_local
+
+    job, text = read_manifest(job_file, output)
     identity = local_identity(job, text + (output or ""))
     return TrainerConfig(job=identity, spec=job.spec, placement=plan_local(job.spec, device),
                          checkpoint_uri=checkpoint_uri_for(job.spec.output.uri, identity.uid),
@@ -214,6 +219,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return finish(code, result)
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """The dataset preflight: locally on a manifest (--job), or in the operator's CPU-only
+    preflight pod on the rendered config; the report is the termination message there."""
+    import shutil
+
+    from lora_trainer import preflight
+
+    tmp = Path(tempfile.mkdtemp(prefix="lora-preflight-"))
+    try:
+        if args.job:
+            spec = read_manifest(Path(args.job))[0].spec
+        else:
+            spec = load_pod_config(Path(os.environ.get(CONFIG_ENV,
+                                                       f"{CONFIG_DIR}/{CONFIG_KEY}"))).spec
+        model = localrun.resolve_local_uri(args.base_model, Path.cwd()) if args.base_model else None
+        report = preflight.run_preflight(spec, tmp, model)
+    except TrainerError as exc:
+        report = preflight.failed_report(exc.code, exc.message)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = preflight.encode(report)
+    code = preflight.exit_code(report)
+    if not args.job:
+        try:
+            termination_path().write_text(text)
+        except OSError:
+            log.debug("termination message path not writable; skipped")
+        progress.emit("preflight", **json.loads(text))
+    elif args.format == "json":
+        print(report.model_dump_json(by_alias=True, exclude_none=True, indent=2))
+    else:
+        print(preflight.render(report))
+    return int(code)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +266,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--base-model", help="override spec.baseModel.uri, e.g. a local GGUF file: "
                                           "file:///path/model.gguf (see `lora-trainer smollm2-path`)")
     run.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    pre = sub.add_parser("preflight", help="check the dataset before training (CPU only): rows, "
+                         "format, token lengths, truncation, duplicates, overlap, refused rows")
+    pre.add_argument("--job", help="LoRAJob manifest (YAML); without it, the pod's rendered config")
+    pre.add_argument("--base-model", help="override spec.baseModel.uri for the tokenizer")
+    pre.add_argument("-o", "--format", dest="format", choices=["text", "json"], default="text",
+                     help="report format with --job (the pod always writes JSON)")
     sub.add_parser("smollm2-path", help="print the pip-installed SmolLM2-135M GGUF file's path")
     return p
 
@@ -241,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "preflight":
+        return cmd_preflight(args)
     if args.command is None:
         args.device = None
     return cmd_pod(args)

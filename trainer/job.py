@@ -56,8 +56,10 @@ def fetch_rows(uri: str, workdir: Path, opts: storage.StorageOptions, name: str)
     return data.read_rows(path)
 
 
-def prepare_data(spec: api.LoRAJobSpec, tokenizer: Any, workdir: Path) -> Splits:
-    """Read, split, check and tokenize every split; DATA errors surface here, before training."""
+def read_splits(spec: api.LoRAJobSpec, workdir: Path
+                ) -> tuple[api.DatasetFormat, dict[str, list[data.Row]]]:
+    """The format and the rows of train, validation and test, split as training splits them
+    (shared with the dataset preflight, so both see the same rows)."""
     ds, t = spec.dataset, spec.training
     opts = storage_options(spec, ds.endpoint,
                            DATASET_CREDENTIALS_PREFIX if ds.credentials_secret else "")
@@ -68,8 +70,15 @@ def prepare_data(spec: api.LoRAJobSpec, tokenizer: Any, workdir: Path) -> Splits
     else:
         train_rows, val_rows = data.split_fraction(rows, ds.validation.fraction or 0.05, t.seed)
     test_rows = fetch_rows(ds.test.uri, workdir, opts, "test") if ds.test else []
+    return fmt, {"train": train_rows, "validation": val_rows, "test": test_rows}
+
+
+def prepare_data(spec: api.LoRAJobSpec, tokenizer: Any, workdir: Path) -> Splits:
+    """Read, split, check and tokenize every split; DATA errors surface here, before training."""
+    t = spec.training
+    fmt, rows_of = read_splits(spec, workdir)
     splits = Splits(fmt=str(fmt.value), train=[], validation=[], test=[])
-    for name, split_rows in (("train", train_rows), ("validation", val_rows), ("test", test_rows)):
+    for name, split_rows in rows_of.items():
         if name == "test" and not split_rows:
             continue
         examples, stats = data.tokenize_rows(tokenizer, split_rows, fmt, t.max_seq_length,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import contextlib
+import fnmatch
 import hashlib
 import ipaddress
 import logging
@@ -25,7 +26,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -341,11 +342,13 @@ def read_text(uri: str, opts: StorageOptions) -> str | None:
 
 
 def download(uri: str, dest: Path, opts: StorageOptions, missing: ExitCode,
-             revision: str | None = None) -> Path:
+             revision: str | None = None, include: Sequence[str] | None = None) -> Path:
     """Make `uri` (a file or a prefix) available locally and return its local path.
 
     file:// and pvc:// are used in place (no copy: a mounted model is read where it lies).
     `missing` is the exit code for "does not exist" (MODEL for models, DATA for datasets).
+    `include` (glob patterns on the relative names) fetches only the matching files of a
+    prefix: the dataset preflight takes a model's tokenizer files and never its weights.
     """
     loc = parse_uri(uri)
     if loc.scheme in ("file", "pvc"):
@@ -355,16 +358,20 @@ def download(uri: str, dest: Path, opts: StorageOptions, missing: ExitCode,
         return path
     dest.mkdir(parents=True, exist_ok=True)
     if loc.scheme == "s3":
-        return _download_s3(loc, dest, opts, missing)
+        return _download_s3(loc, dest, opts, missing, include)
     if loc.scheme == "hf":
-        return _download_hf(loc, dest, missing, revision)
+        return _download_hf(loc, dest, missing, revision, include)
     return _download_https(uri, dest, opts, missing)
 
 
-def _download_s3(loc: Location, dest: Path, opts: StorageOptions, missing: ExitCode) -> Path:
+def _download_s3(loc: Location, dest: Path, opts: StorageOptions, missing: ExitCode,
+                 include: Sequence[str] | None = None) -> Path:
     client = s3_client(opts)
-    names = with_retries(lambda: _s3_list(client, loc, missing), opts, f"list {loc.uri}")
-    names = [n for n in names if n]
+    listed = with_retries(lambda: _s3_list(client, loc, missing), opts, f"list {loc.uri}")
+    listed = [n for n in listed if n]
+    names = [n for n in listed if include is None or matches(n, include)]
+    if listed and not names:
+        raise TrainerError(missing, f"{loc.uri} has none of {', '.join(include or ())}")
     if not names:  # a single object rather than a prefix
         target = dest / Path(loc.path).name
         _s3_get(client, loc, target, opts, missing)
@@ -374,6 +381,11 @@ def _download_s3(loc: Location, dest: Path, opts: StorageOptions, missing: ExitC
             for n in names]
     _parallel(jobs, opts.workers)
     return target_dir
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a relative object name matches one of the glob patterns."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _bind_get(client: Any, loc: Location, target: Path, opts: StorageOptions,
@@ -390,7 +402,8 @@ def _s3_get(client: Any, loc: Location, target: Path, opts: StorageOptions, miss
     tmp.replace(target)
 
 
-def _download_hf(loc: Location, dest: Path, missing: ExitCode, revision: str | None) -> Path:
+def _download_hf(loc: Location, dest: Path, missing: ExitCode, revision: str | None,
+                 include: Sequence[str] | None = None) -> Path:
     """hf://org/name via snapshot_download with HF_TOKEN (gated repos need it)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -405,7 +418,8 @@ def _download_hf(loc: Location, dest: Path, missing: ExitCode, revision: str | N
     target = dest / repo_id.replace("/", "--")
     try:
         snapshot_download(repo_id=repo_id, revision=revision, local_dir=str(target),
-                          token=os.environ.get("HF_TOKEN") or None)
+                          token=os.environ.get("HF_TOKEN") or None,
+                          allow_patterns=list(include) if include is not None else None)
     except GatedRepoError:
         raise TrainerError(ExitCode.AUTH, f"hf://{repo_id}: gated repository; HF_TOKEN "
                                           "missing or without access") from None
