@@ -32,7 +32,10 @@ BASELINE = {"selfsubjectreviews.authentication.k8s.io", "selfsubjectaccessreview
 # verb is one operator/reconcile/kube.py calls or kopf needs (list/watch for its indexes and
 # event handlers, create for the Events it posts); see the chart's _helpers.tpl.
 OPERATOR_EXPECTED = {
-    "lorajobs.lorajob.dev": ("", {"get", "list", "watch", "delete"}),  # delete: TTL
+    # create: a LoRASweep's trials; delete: TTL, and a sweep's early-stopped trials
+    "lorajobs.lorajob.dev": ("", {"get", "list", "watch", "create", "delete"}),
+    "lorasweeps.lorajob.dev": ("", {"get", "list", "watch"}),
+    "lorasweeps.lorajob.dev/status": ("", {"patch"}),
     "lorajobs.lorajob.dev/status": ("", {"get", "patch"}),  # also what the per-job Role grants
     "jobs.batch": ("", {"get", "list", "watch", "create", "patch"}),  # patch: suspend
     "configmaps": ("", {"create", "patch"}),  # patch: refresh an adopted ConfigMap
@@ -48,6 +51,8 @@ OPERATOR_EXPECTED = {
 # Verbs the chart granted that the operator's code never used, removed from the chart
 # (RELIABILITY.md, "Least privilege"); none may come back.
 OPERATOR_REMOVED = {
+    "lorasweeps.lorajob.dev": {"create", "patch", "update", "delete"},
+    "lorasweeps.lorajob.dev/status": {"update"},
     "lorajobs.lorajob.dev": {"patch", "update"},
     "lorajobs.lorajob.dev/status": {"update"},
     "jobs.batch": {"update", "delete"},

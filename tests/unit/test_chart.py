@@ -234,6 +234,10 @@ def _allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -
 NEEDED = [  # what operator/reconcile/kube.py calls plus kopf's list/watch and Event posts
     ("lorajob.dev", "lorajobs", ["get", "list", "watch", "delete"]),
     ("lorajob.dev", "lorajobs/status", ["get", "patch"]),
+    # operator/reconcile/sweep_controller.py: trials are LoRAJobs the sweep creates
+    ("lorajob.dev", "lorajobs", ["create"]),
+    ("lorajob.dev", "lorasweeps", ["get", "list", "watch"]),
+    ("lorajob.dev", "lorasweeps/status", ["patch"]),
     ("batch", "jobs", ["create", "get", "list", "watch", "patch"]),
     ("", "configmaps", ["create", "patch"]),
     ("", "serviceaccounts", ["create"]),

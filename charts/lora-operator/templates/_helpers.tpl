@@ -60,6 +60,8 @@ trainerCommand:
 {{ toYaml $c.trainerCommand }}
 trainerCpu: {{ $c.trainerCpu | quote }}
 trainerMemory: {{ $c.trainerMemory | quote }}
+trainerEphemeralStorage: {{ $c.trainerEphemeralStorage | quote }}
+trainerShmSize: {{ $c.trainerShmSize | quote }}
 {{- with $c.s3Endpoint }}
 s3Endpoint: {{ . | quote }}
 {{- end }}
@@ -74,6 +76,7 @@ namespaces:
 {{- end }}
 maxWorkers: {{ $c.maxWorkers }}
 progressIntervalSeconds: {{ $c.progressIntervalSeconds }}
+manifestVerifyTimeoutSeconds: {{ $c.manifestVerifyTimeoutSeconds }}
 allowLocalUris: {{ $c.allowLocalUris }}
 {{- end }}
 
@@ -85,30 +88,39 @@ kopf needs, nothing more:
   on.event + indexes only (no finalizer, no annotations), so no patch/update.
 - lorajobs/status: patch (the controller's status); get+patch is also what lets the
   operator create each job's Role, which grants exactly that (RBAC escalation check).
-- jobs: list/watch (kopf), create, get (adopt on 409), patch (runPolicy.suspend).
-- configmaps: create, patch (refresh an adopted ConfigMap's data). serviceaccounts, roles,
-  rolebindings: create only (an existing one is adopted as is; the garbage collector
-  deletes them through their ownerReferences).
+- jobs: list/watch (kopf), create, get (adopt on 409), patch (runPolicy.suspend, and the
+  operator's record of a verified success), delete (a Failed LoRAJob's unfinished Job, so
+  no GPU keeps burning).
+- configmaps: create, get (on 409: adopt only what this LoRAJob controls), patch (refresh
+  an adopted ConfigMap's data). serviceaccounts, roles, rolebindings: create, get (the same
+  ownership check on 409; an object of someone else is never adopted; the garbage
+  collector deletes ours through their ownerReferences).
 - pods: list/watch (kopf). events: create (kopf posts core/v1 Events, never patches). */}}
 {{- define "lora-operator.namespacedRules" -}}
 - apiGroups: [lorajob.dev]
   resources: [lorajobs]
-  verbs: [get, list, watch, delete]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: [lorajob.dev]
   resources: [lorajobs/status]
   verbs: [get, patch]
+- apiGroups: [lorajob.dev]
+  resources: [lorasweeps]
+  verbs: [get, list, watch]
+- apiGroups: [lorajob.dev]
+  resources: [lorasweeps/status]
+  verbs: [patch]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [create, patch]
+  verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [create]
+  verbs: [get, create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [create]
+  verbs: [get, create]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
