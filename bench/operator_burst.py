@@ -242,7 +242,8 @@ def write_settings(path: Path, ci: Any, **extra: Any) -> Path:
                          "product": "BENCH-80GB", "nodeSelector": {"lorajob.dev/pool": BENCH_POOL}}],
         "s3Endpoint": ci.s3_endpoint, "s3CredentialsSecret": "bench-s3",
         "configReadTimeoutSeconds": 5, "trainerCpu": "100m", "trainerMemory": "128Mi",
-        "trainerImage": "example.invalid/lora-trainer:bench"})
+        "trainerImage": "example.invalid/lora-trainer:bench",
+        "devMode": True})  # the kwok.lorajob.dev/* annotations drive the simulated pods
     data.update(extra)
     path.write_text(yaml.safe_dump(data))
     return path

@@ -8,6 +8,8 @@ it cannot drift apart.
 from __future__ import annotations
 
 import enum
+import re
+from typing import Any
 
 from pydantic import Field
 
@@ -82,6 +84,9 @@ class TrainerConfig(ApiModel):
     report_progress: bool = Field(default=True,
                                   description="Patch LoRAJob status.progress through the API.")
     progress_interval_seconds: float = Field(default=5.0, ge=1.0)
+    allowed_output_prefixes: list[str] | None = Field(default=None, description=(
+        "Storage prefixes this job's namespace may write under (operator setting "
+        "storagePrefixes); the trainer refuses any other output. None: unrestricted."))
 
 
 class TrainerResult(ApiModel):
@@ -103,6 +108,42 @@ class TrainerResult(ApiModel):
     steps: int | None = None
     train_seconds: float | None = None
     peak_memory_gib: float | None = None
+
+
+# Query parameters that make a URL a credential (S3 SigV4/SigV2 presigned URLs, STS tokens,
+# GCS and Azure SAS signatures).
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&](?:X-Amz-(?:Signature|Credential|Security-Token)|X-Goog-(?:Signature|Credential)"
+    r"|Signature|AWSAccessKeyId|sig|se|sv|token)=)[^&\s'\"<>#]*")
+
+
+def redact_url_secrets(text: str) -> str:
+    """`text` with the values of presigned-URL query parameters (signatures, credentials,
+    tokens) replaced by `<redacted>`: status messages and events are readable by anyone who
+    can list LoRAJobs, and a presigned URL is a bearer credential."""
+    return _SECRET_QUERY.sub(r"\1<redacted>", text)
+
+
+def redact_messages(value: Any) -> Any:
+    """A status patch with every string field named `message` passed through
+    `redact_url_secrets` (top level, conditions, nested objects)."""
+    if isinstance(value, dict):
+        return {k: redact_url_secrets(v) if k == "message" and isinstance(v, str)
+                else redact_messages(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_messages(v) for v in value]
+    return value
+
+
+def uri_under(uri: str, prefixes: list[str]) -> bool:
+    """Whether `uri` lies under one of `prefixes`, a prefix naming a folder (`s3://b/team`
+    covers `s3://b/team/x`, not `s3://b/team-2/`). A `.` or `..` segment never does: some
+    stores and clients normalise them away, and the check must not be fooled by that."""
+    path = uri.split("://", 1)[-1]
+    if any(part in (".", "..") for part in path.split("/")):
+        return False
+    here = uri if uri.endswith("/") else uri + "/"
+    return any(here.startswith(p if p.endswith("/") else p + "/") for p in prefixes)
 
 
 def checkpoint_uri_for(output_uri: str, job_uid: str) -> str:

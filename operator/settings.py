@@ -67,8 +67,20 @@ class Settings(_Model):
         "Timeout for reading a base model's config.json when planning."))
     trainer_cpu: str = Field(default="4", description="CPU request of trainer pods.")
     trainer_memory: str = Field(default="32Gi", description="Memory request of trainer pods.")
+    trainer_ephemeral_storage: str = Field(default="100Gi", description=(
+        "Local disk of a trainer pod (model, data, checkpoints, adapter): its ephemeral-storage "
+        "request and limit, and the sizeLimit of its /tmp and /scratch emptyDirs, so a job "
+        "cannot fill the node's disk (the kubelet evicts the pod instead)."))
+    trainer_shm_size: str = Field(default="8Gi", description=(
+        "sizeLimit of the trainer pod's /dev/shm (memory-backed; counts against its memory)."))
     progress_interval_seconds: float = Field(default=5.0, ge=1.0, description=(
         "Least time between two progress patches from a trainer."))
+    preflight_cpu: str = Field(default="1", description="CPU request of dataset preflight pods.")
+    preflight_memory: str = Field(default="4Gi", description=(
+        "Memory of dataset preflight pods (request and limit): the dataset's rows and the "
+        "tokenizer are held in memory."))
+    preflight_deadline_seconds: int = Field(default=1800, ge=60, le=86400, description=(
+        "activeDeadlineSeconds of a dataset preflight Job."))
     manifest_verify_timeout_seconds: float = Field(default=900.0, ge=1.0, le=86400, description=(
         "How long after a trainer finished its adapter's manifest may stay unverifiable "
         "(storage not answering) before the job fails with ManifestUnverified."))

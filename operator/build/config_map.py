@@ -13,6 +13,7 @@ import yaml
 
 from lora_operator import api, contract
 from lora_operator.build import names
+from lora_operator.plan import policy
 from lora_operator.settings import Settings
 
 
@@ -22,11 +23,14 @@ def trainer_config(owner: names.Owner, spec: api.LoRAJobSpec, placement: api.Pla
     return contract.TrainerConfig(
         job=contract.JobIdentity(name=owner.name, namespace=owner.namespace, uid=owner.uid,
                                  attempt=attempt),
-        spec=spec,
+        # The region resolved here: the trainer needs the operator's s3Region, not a guess.
+        spec=spec.model_copy(update={"output": spec.output.model_copy(
+            update={"region": spec.output.region or settings.s3_region})}),
         placement=placement,
         checkpoint_uri=contract.checkpoint_uri_for(spec.output.uri, owner.uid),
         report_progress=True,
         progress_interval_seconds=settings.progress_interval_seconds,
+        allowed_output_prefixes=policy.allowed_prefixes(owner.namespace, settings),
     )
 
 

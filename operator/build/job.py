@@ -166,13 +166,15 @@ def pod_security_context() -> dict[str, Any]:
     }
 
 
-def volumes(owner: names.Owner) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(volumes, mounts): config read-only; /tmp, a model cache and /dev/shm writable."""
+def volumes(owner: names.Owner, disk: str = "100Gi", shm: str = "8Gi",
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts): config read-only; /tmp, a model cache and /dev/shm writable, each
+    with a sizeLimit (a job cannot fill the node's disk or memory through them)."""
     vols: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": names.trainer_name(owner.name)}},
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "scratch", "emptyDir": {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": disk}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": disk}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": contract.CONFIG_DIR, "readOnly": True},
@@ -183,8 +185,11 @@ def volumes(owner: names.Owner) -> tuple[list[dict[str, Any]], list[dict[str, An
     return vols, mounts
 
 
-def pod_annotations(owner: names.Owner, attempt: int = 1) -> dict[str, str]:
-    """Test/dev hook: `kwok.lorajob.dev/*` annotations of the LoRAJob, copied to the pod.
+def pod_annotations(owner: names.Owner, attempt: int = 1, dev_mode: bool = True,
+                    ) -> dict[str, str]:
+    """Test/dev hook: `kwok.lorajob.dev/*` annotations of the LoRAJob, copied to the pod,
+    only when the operator runs with `devMode` (a kwok test cluster): elsewhere a job's
+    author must not steer how pods are simulated or reported (issue 13).
 
     `kwok.lorajob.dev/attempt-<N>.<key>` applies to attempt N only, as `kwok.lorajob.dev/<key>`
     (so a test can make attempt 1 run out of memory and attempt 2 succeed). No kubelet reads
@@ -193,6 +198,8 @@ def pod_annotations(owner: names.Owner, attempt: int = 1) -> dict[str, str]:
     prefix = names.KWOK_ANNOTATION_PREFIX
     mine = f"{prefix}attempt-{attempt}."
     out = {"kubectl.kubernetes.io/default-container": CONTAINER}
+    if not dev_mode:
+        return out
     for key, value in owner.annotations.items():
         if key.startswith(prefix) and not key.startswith(f"{prefix}attempt-"):
             out[key] = value
@@ -232,12 +239,14 @@ def build_job(owner: names.Owner, spec: api.LoRAJobSpec, inputs: JobInputs,
     annotations = {names.SPEC_HASH_ANNOTATION: inputs.spec_hash, names.GPUS_ANNOTATION: str(gpus)}
 
     resources: dict[str, Any] = {
-        "requests": {"cpu": settings.trainer_cpu, "memory": settings.trainer_memory},
-        "limits": {"memory": settings.trainer_memory},
+        "requests": {"cpu": settings.trainer_cpu, "memory": settings.trainer_memory,
+                     "ephemeral-storage": settings.trainer_ephemeral_storage},
+        "limits": {"memory": settings.trainer_memory,
+                   "ephemeral-storage": settings.trainer_ephemeral_storage},
     }
     if gpus > 0:
         resources["limits"][GPU_RESOURCE] = str(gpus)
-    vols, mounts = volumes(owner)
+    vols, mounts = volumes(owner, settings.trainer_ephemeral_storage, settings.trainer_shm_size)
     container = {
         "name": CONTAINER,
         "image": settings.trainer_image,
@@ -280,7 +289,8 @@ def build_job(owner: names.Owner, spec: api.LoRAJobSpec, inputs: JobInputs,
         "podReplacementPolicy": "Failed",
         "template": {
             "metadata": {"labels": pod_labels,
-                         "annotations": pod_annotations(owner, inputs.attempt)},
+                         "annotations": pod_annotations(owner, inputs.attempt,
+                                                        settings.dev_mode)},
             "spec": pod_spec,
         },
     }

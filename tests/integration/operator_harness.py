@@ -116,7 +116,9 @@ def write_settings(path: Path, s3_endpoint: str, **extra: Any) -> Path:
     data = load_settings().model_dump(by_alias=True, exclude_none=True, mode="json")
     data.update({"s3Endpoint": s3_endpoint, "s3CredentialsSecret": "s3-creds",
                  "configReadTimeoutSeconds": 3, "maxWorkers": 8,
-                 "trainerImage": "example.invalid/lora-trainer:test"})
+                 "trainerImage": "example.invalid/lora-trainer:test",
+                 # kwok.lorajob.dev/* annotations steer the simulated pods: a dev cluster.
+                 "devMode": True})
     data.update(extra)
     path.write_text(yaml.safe_dump(data))
     return path

@@ -25,6 +25,9 @@ def test_config_map_holds_a_valid_trainer_config() -> None:
     back = contract.TrainerConfig.model_validate(data)
     assert back.job == contract.JobIdentity(name="bot", namespace="ml", uid="u-1", attempt=2)
     assert back.placement.vram_class == "l4-24gb"
-    assert back.spec == SPEC
+    # The region a job leaves out is the operator's s3Region, resolved for the trainer.
+    assert back.spec.output.region == load_settings().s3_region
+    assert back.spec == SPEC.model_copy(update={"output": SPEC.output.model_copy(
+        update={"region": load_settings().s3_region})})
     assert back.checkpoint_uri == "s3://adapters/bot/.checkpoints/u-1/"
     assert "baseModel" in data["spec"]  # camelCase on the wire, like the manifest

@@ -104,7 +104,22 @@ def test_read_only_root_with_writable_tmp_and_scratch() -> None:
     assert mounts[contract.CONFIG_DIR]["readOnly"] is True
     vols = {v["name"]: v for v in pod_spec(build())["volumes"]}
     assert vols["config"]["configMap"]["name"] == "bot-trainer"
-    assert vols["tmp"] == {"name": "tmp", "emptyDir": {}}
+    assert vols["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "100Gi"}}
+
+
+def test_local_disk_is_bounded() -> None:
+    """Issue 13: a job cannot fill the node's disk or memory through its scratch volumes;
+    the pod asks the scheduler for the disk it may use, and is evicted past it."""
+    custom = SETTINGS.model_copy(update={"trainer_ephemeral_storage": "250Gi",
+                                         "trainer_shm_size": "2Gi"})
+    for settings, disk, shm in ((SETTINGS, "100Gi", "8Gi"), (custom, "250Gi", "2Gi")):
+        j = build(settings=settings)
+        vols = {v["name"]: v["emptyDir"] for v in pod_spec(j)["volumes"] if "emptyDir" in v}
+        assert vols == {"tmp": {"sizeLimit": disk}, "scratch": {"sizeLimit": disk},
+                        "dshm": {"medium": "Memory", "sizeLimit": shm}}
+        resources = container(j)["resources"]
+        assert resources["requests"]["ephemeral-storage"] == disk
+        assert resources["limits"]["ephemeral-storage"] == disk
 
 
 # ------------------------------------------------------------------ placement
@@ -258,17 +273,27 @@ def test_job_shape(attempt: int) -> None:
     assert j["metadata"]["annotations"][names.SPEC_HASH_ANNOTATION] == "abc"
 
 
+DEV = SETTINGS.model_copy(update={"dev_mode": True})
+
+
 def test_kwok_annotations_copied_to_pod_only() -> None:
-    ann = build()["spec"]["template"]["metadata"]["annotations"]
+    ann = build(settings=DEV)["spec"]["template"]["metadata"]["annotations"]
     assert ann["kwok.lorajob.dev/exit-code"] == "0"
     assert "other/annotation" not in ann
+
+
+def test_kwok_annotations_never_copied_outside_dev_mode() -> None:
+    """A job's author cannot steer simulated pods (or fake a result) on a real cluster."""
+    ann = build()["spec"]["template"]["metadata"]["annotations"]
+    assert not any(k.startswith("kwok.lorajob.dev/") for k in ann)
 
 
 def test_per_attempt_kwok_annotations() -> None:
     owner = names.Owner(name="bot", namespace="ml", uid="u", annotations={
         "kwok.lorajob.dev/exit-code": "42", "kwok.lorajob.dev/attempt-2.exit-code": "0"})
-    first = build(owner=owner)["spec"]["template"]["metadata"]["annotations"]
-    second = build(owner=owner, attempt=2)["spec"]["template"]["metadata"]["annotations"]
+    first = build(owner=owner, settings=DEV)["spec"]["template"]["metadata"]["annotations"]
+    second = build(owner=owner, attempt=2, settings=DEV)["spec"]["template"]["metadata"][
+        "annotations"]
     assert first["kwok.lorajob.dev/exit-code"] == "42"
     assert second["kwok.lorajob.dev/exit-code"] == "0"
     assert not any("attempt-" in k for k in first | second)

@@ -78,6 +78,21 @@ maxWorkers: {{ $c.maxWorkers }}
 progressIntervalSeconds: {{ $c.progressIntervalSeconds }}
 manifestVerifyTimeoutSeconds: {{ $c.manifestVerifyTimeoutSeconds }}
 allowLocalUris: {{ $c.allowLocalUris }}
+{{- if kindIs "slice" $c.signedEndpoints }}
+signedEndpoints: {{ toJson $c.signedEndpoints }}
+{{- end }}
+storagePrefixes: {{ toJson ($c.storagePrefixes | default dict) }}
+allowTrustRemoteCode: {{ $c.allowTrustRemoteCode | default false }}
+{{- if kindIs "slice" $c.allowedTolerationKeys }}
+allowedTolerationKeys: {{ toJson $c.allowedTolerationKeys }}
+{{- end }}
+{{- if kindIs "slice" $c.allowedPriorityClasses }}
+allowedPriorityClasses: {{ toJson $c.allowedPriorityClasses }}
+{{- end }}
+{{- if kindIs "slice" $c.allowedSecrets }}
+allowedSecrets: {{ toJson $c.allowedSecrets }}
+{{- end }}
+devMode: {{ $c.devMode | default false }}
 {{- end }}
 
 {{/* RBAC rules on namespaced objects: in a ClusterRole (all namespaces) or a Role per
