@@ -186,22 +186,23 @@ def _trainer(spec: api.LoRAJobSpec, config: TrainerConfig, ctx: RunContext,
              precision: train.Precision, model: Any, tokenizer: Any, splits: Splits, steps: int,
              reporter: progress.ProgressReporter, opts: storage.StorageOptions, main: bool,
              run_dir: Path) -> Any:
-    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
+    from transformers import EarlyStoppingCallback, PrinterCallback
 
     t = spec.training
     counter = data.TokenCounter()
     train_rows = data.pack(splits.train, t.max_seq_length) if t.packing else splits.train
     eval_rows = data.pack(splits.validation, t.max_seq_length) if t.packing else splits.validation
-    collator = data.Collator(int(tokenizer.pad_token_id), packed=t.packing, counter=counter)
+    collator = data.Collator(int(tokenizer.pad_token_id), packed=t.packing, counter=counter,
+                             pad_to_multiple_of=train.acceleration_of(model).pad_multiple)
     args = train.training_arguments(spec, config.placement, precision, run_dir, steps, ctx.device,
                                     has_eval=bool(eval_rows))
     callbacks = train.make_callbacks(reporter, counter, config.checkpoint_uri, opts,
                                      ctx.preemption, main)
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer = Trainer(model=model, args=args, train_dataset=data.ListDataset(train_rows),
-                      eval_dataset=data.ListDataset(eval_rows) if eval_rows else None,
-                      data_collator=collator, callbacks=callbacks)
+    trainer = train.make_trainer(model, args=args, train_dataset=data.ListDataset(train_rows),
+                                 eval_dataset=data.ListDataset(eval_rows) if eval_rows else None,
+                                 data_collator=collator, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # stdout carries our JSON lines only
     return trainer
 

@@ -17,8 +17,9 @@ from typing import Any
 
 from lora_operator import api
 from lora_operator.contract import ExitCode
-from lora_trainer import deepspeed_config, progress, storage
+from lora_trainer import deepspeed_config, kernels, progress, storage
 from lora_trainer.data import TokenCounter
+from lora_trainer.loss import causal_lm_loss
 from lora_trainer.model import ModelSource, bnb_config, load_model
 
 log = logging.getLogger(__name__)
@@ -73,28 +74,39 @@ def total_steps(training: api.TrainingSpec, train_rows: int, world_size: int) ->
 
 def build_model(source: ModelSource, spec: api.LoRAJobSpec, placement: api.Placement,
                 precision: Precision, device: str, local_rank: int = 0) -> Any:
-    """The base model (bf16/fp32, or NF4 for QLoRA) wrapped with a fresh LoRA adapter."""
+    """The base model (bf16/fp32, or NF4 for QLoRA) wrapped with a fresh LoRA adapter.
+
+    Its fast paths (attention kernel, Liger kernels, loss) are chosen here, before PEFT wraps
+    it, and recorded for `make_trainer` (see `lora_trainer.kernels`).
+    """
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
     set_seed(spec.training.seed)
     stage = placement.deepspeed if placement.deepspeed not in (None, "none") else None
     checkpointing = spec.training.gradient_checkpointing
+    attention = kernels.attention_implementation(device)
+    kernels.prepare_attention(attention)
     if placement.method == "qlora":
         extra = deepspeed_config.qlora_zero3_kwargs(stage, precision.dtype)
         device_map: dict[str, Any] | None = None if deepspeed_config.is_zero3(stage) else \
             ({"": local_rank} if device == "cuda" else {"": "cpu"})
         quant = bnb_config(precision.dtype, extra.get("quant_storage"))
-        model = load_model(source, precision.dtype, quantization=quant, device_map=device_map)
+        model = load_model(source, precision.dtype, quantization=quant, device_map=device_map,
+                           attn_implementation=attention)
+        fast = kernels.accelerate(model, device, attention, deepspeed_config.is_zero3(stage))
         prepare: Any = prepare_model_for_kbit_training
         model = prepare(
             model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs=deepspeed_config.gradient_checkpointing_kwargs(stage))
     else:
-        model = load_model(source, precision.dtype)
+        model = load_model(source, precision.dtype, attn_implementation=attention)
+        fast = kernels.accelerate(model, device, attention, deepspeed_config.is_zero3(stage))
         if checkpointing:
             model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(spec.lora))
+    peft_model = get_peft_model(model, lora_config(spec.lora))
+    kernels.record(peft_model, fast)
+    return peft_model
 
 
 def training_arguments(spec: api.LoRAJobSpec, placement: api.Placement, precision: Precision,
@@ -125,8 +137,70 @@ def training_arguments(spec: api.LoRAJobSpec, placement: api.Placement, precisio
         logging_steps=max(1, steps // 100), logging_first_step=True, report_to=[],
         remove_unused_columns=False, label_names=["labels"], use_cpu=device == "cpu",
         dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,
+        prediction_loss_only=True,  # no metric needs logits: evaluation keeps none of them
         ddp_find_unused_parameters=False if (placement.gpus or 0) > 1 else None,
         **kwargs)
+
+
+# --------------------------------------------------------------------------- the Trainer
+
+_TRAINER_CLASS: Any = None
+
+
+def trainer_class() -> Any:
+    """transformers' Trainer with the loss taken from hidden states in chunks (built lazily,
+    so importing this module does not import transformers)."""
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is not None:
+        return _TRAINER_CLASS
+    from transformers import Trainer
+
+    class LoRATrainer(Trainer):
+        """Trainer whose loss never materialises the [tokens × vocab] logits.
+
+        The model is still called as a whole (so DDP and DeepSpeed hooks run as usual), but
+        asked for its final hidden states and the logits of one position only
+        (`logits_to_keep=1`); the loss is then `lora_trainer.loss.causal_lm_loss`, the same
+        arithmetic as the model's own, chunk by chunk.
+        """
+
+        chunked_loss: bool = False
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any | None = None) -> Any:
+            if not self.chunked_loss or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            features = {k: v for k, v in inputs.items() if k != "labels"}
+            outputs = model(**features, output_hidden_states=True, logits_to_keep=1,
+                            use_cache=False)
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = causal_lm_loss(outputs.hidden_states[-1], head.weight, inputs["labels"], items)
+            if self.args.average_tokens_across_devices and items is not None:  # as Trainer does
+                loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1
+                               else self.args.n_gpu)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    _TRAINER_CLASS = LoRATrainer
+    return _TRAINER_CLASS
+
+
+def acceleration_of(model: Any) -> kernels.Acceleration:
+    """What build_model chose for this model; a model built elsewhere gets the model's loss."""
+    return kernels.recorded(model) or kernels.Acceleration(
+        attention=str(getattr(model.config, "_attn_implementation", "unknown")),
+        loss=kernels.MODEL_LOSS, notes=("model not built by lora_trainer.train.build_model",))
+
+
+def make_trainer(model: Any, **kwargs: Any) -> Any:
+    """The Trainer for this model, its loss path set, and that path reported."""
+    fast = acceleration_of(model)
+    trainer = trainer_class()(model=model, **kwargs)
+    trainer.chunked_loss = fast.loss == kernels.CHUNKED_LOSS
+    log.info("acceleration: %s", fast.as_fields())
+    progress.emit("acceleration", **fast.as_fields())
+    return trainer
 
 
 # --------------------------------------------------------------------------- callbacks
