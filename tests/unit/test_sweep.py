@@ -386,3 +386,127 @@ def test_log_scale_draw_is_rounded_to_four_significant_digits() -> None:
     for t in sweep.generate_trials(parsed):
         lr = t["training.learningRate"]
         assert float(f"{lr:.4g}") == lr and not math.isnan(lr)
+
+
+# --------------------------------------------------------------------------- the controller
+
+
+class RecordingKube:
+    """The sweep controller's API calls against an in-memory store (unit test: the real API
+    server is in tests/integration/test_sweep.py); `calls` keeps their order."""
+
+    def __init__(self, view: Any) -> None:
+        self.view = view
+        self.calls: list[tuple[str, str]] = []
+        self.lorajobs: dict[str, dict[str, Any]] = {}
+        self.rv = 1
+
+    def create_lorajob(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        name = body["metadata"]["name"]
+        self.calls.append(("create", name))
+        if name in self.lorajobs:
+            return None
+        self.lorajobs[name] = copy.deepcopy(body)
+        return body
+
+    def read_lorajob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.lorajobs.get(name)
+
+    def delete_lorajob(self, namespace: str, name: str, uid: str) -> None:
+        self.calls.append(("delete", name))
+        self.lorajobs.pop(name, None)
+
+    def read_sweep(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.view.sweeps.get((namespace, name))
+
+    def patch_sweep_status(self, namespace: str, name: str, status: dict[str, Any],
+                           resource_version: str | None) -> dict[str, Any] | None:
+        body = copy.deepcopy(self.view.sweeps[(namespace, name)])
+        self.rv += 1
+        body["metadata"]["resourceVersion"] = str(self.rv)
+        body["status"] = {**(body.get("status") or {}), **status}
+        self.view.sweeps[(namespace, name)] = body
+        self.calls.append(("status", ",".join(t["phase"] for t in status.get("trials") or [])))
+        return body
+
+
+def _run(ctl: Any, kube: RecordingKube, key: tuple[str, str]) -> None:
+    import asyncio
+
+    kube.view.trial_map[key] = {n: dict(o) for n, o in kube.lorajobs.items()}
+    asyncio.run(ctl.reconcile(*key))
+
+
+def test_controller_runs_trials_within_parallelism_and_stops_the_loser() -> None:
+    import concurrent.futures
+
+    from lora_operator.reconcile.sweep_controller import DictSweepView, SweepController
+
+    view = DictSweepView()
+    body = sweep_body("s", earlyStopping={"minTrials": 1}, parallelism=2,
+                      searchSpace={"lora": {"r": {"values": [4, 8, 16]}}})
+    body["metadata"]["resourceVersion"] = "1"
+    key = ("ml", "s")
+    view.sweeps[key] = body
+    kube = RecordingKube(view)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        ctl = SweepController(kube, pool, view)  # type: ignore[arg-type]
+        _run(ctl, kube, key)
+        assert sorted(kube.lorajobs) == ["s-t1", "s-t2"]
+        for name, loss in (("s-t1", 1.0), ("s-t2", 2.0)):
+            kube.lorajobs[name]["status"] = {"phase": "Running",
+                                             "progress": {"step": 10, "evalLoss": loss}}
+        kube.calls.clear()
+        _run(ctl, kube, key)
+        # t2 is worse than t1 at step 10: recorded EarlyStopped *before* it is deleted,
+        # and its slot goes to t3
+        assert kube.calls == [("status", "Running,EarlyStopped,Pending"), ("delete", "s-t2"),
+                              ("create", "s-t3")]
+        kube.lorajobs["s-t1"]["status"] = {"phase": "Succeeded", "result": {
+            "adapterEvalLoss": 0.8, "adapterUri": "s3://adapters/sweep/s-t1/"}}
+        kube.lorajobs["s-t3"]["status"] = {"phase": "Succeeded", "result": {
+            "adapterEvalLoss": 0.9, "adapterUri": "s3://adapters/sweep/s-t3/"}}
+        kube.calls.clear()
+        _run(ctl, kube, key)
+        status = view.sweeps[key]["status"]
+        assert status["phase"] == "Succeeded" and status["bestTrial"]["name"] == "s-t1"
+        assert [t["phase"] for t in status["trials"]] == ["Succeeded", "EarlyStopped", "Succeeded"]
+        assert ("create", "s-t2") not in kube.calls, "an early-stopped trial was re-created"
+
+
+def test_controller_fails_a_trial_whose_name_belongs_to_someone_else() -> None:
+    import asyncio
+    import concurrent.futures
+
+    from lora_operator.reconcile.sweep_controller import DictSweepView, SweepController
+
+    view = DictSweepView()
+    body = sweep_body("s", searchSpace={"lora": {"r": {"values": [4]}}})
+    key = ("ml", "s")
+    view.sweeps[key] = body
+    kube = RecordingKube(view)
+    kube.lorajobs["s-t1"] = {"metadata": {"name": "s-t1", "ownerReferences": []}, "spec": {}}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # the watch shows no trial: the foreign LoRAJob is not labelled as this sweep's
+        asyncio.run(SweepController(kube, pool, view).reconcile(*key))  # type: ignore[arg-type]
+    status = view.sweeps[key]["status"]
+    assert status["phase"] == "Failed" and status["trials"][0]["phase"] == "Failed"
+    assert "not controlled by this sweep" in status["trials"][0]["message"]
+    assert kube.lorajobs["s-t1"]["spec"] == {}, "someone else's LoRAJob was touched"
+
+
+def test_controller_fails_an_invalid_sweep_naming_the_field() -> None:
+    import asyncio
+    import concurrent.futures
+
+    from lora_operator.reconcile.sweep_controller import DictSweepView, SweepController
+
+    view = DictSweepView()
+    body = sweep_body("s", parallelism=0)
+    view.sweeps[("ml", "s")] = body
+    kube = RecordingKube(view)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        asyncio.run(SweepController(kube, pool, view).reconcile("ml", "s"))  # type: ignore[arg-type]
+    status = view.sweeps[("ml", "s")]["status"]
+    assert status["phase"] == "Failed" and "spec.parallelism" in status["message"]
+    assert not kube.lorajobs
