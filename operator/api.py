@@ -45,6 +45,17 @@ ENDPOINT_PATTERN = r"^https?://[^\s/]+(/.*)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 TARGET_MODULE_PATTERN = r"^(all-linear|[A-Za-z_][A-Za-z0-9_.]*)$"
+# Label syntax as the API server enforces it on pods (nodeSelector, tolerations): a key is
+# an optional DNS-subdomain prefix and "/" plus a name of at most 63 characters; a value is
+# empty or at most 63 alphanumerics, '-', '_' and '.', starting and ending alphanumeric.
+LABEL_KEY_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# A LoRAJob's name is at most this long, so that every child name (`<name>-trainer`,
+# `<name>-a<attempt>`, and room for an 11-character suffix) fits a 63-character DNS label
+# as it is: no child name is ever shortened or hashed, so two LoRAJobs can never map to
+# the same child object (enforced by the CRD: ROOT_RULES).
+MAX_NAME_LENGTH = 52
 
 
 def cel(rule: str, message: str, *, field_path: str | None = None,
@@ -56,6 +67,11 @@ def cel(rule: str, message: str, *, field_path: str | None = None,
     if reason:
         out["reason"] = reason
     return out
+
+
+def _cel_quote(text: str) -> str:
+    """`text` inside a single-quoted CEL string literal (a regex's backslashes doubled)."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _validations(*rules: dict[str, Any]) -> dict[str, Any]:
@@ -358,16 +374,50 @@ TRAINING_RULES = [cel("!(has(self.epochs) && has(self.maxSteps))",
                       "set either epochs or maxSteps, not both")]
 
 
+LabelKey = Annotated[str, Field(max_length=317, pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
+# Keys are checked by pydantic here and by a CEL rule in the CRD (RESOURCES_RULES): a
+# structural schema has no propertyNames / patternProperties.
+NodeSelector = Annotated[dict[LabelKey, LabelValue], WithJsonSchema({
+    "type": "object", "maxProperties": 32,
+    "additionalProperties": {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}})]
+
+
 class Toleration(ApiModel):
     """A Kubernetes toleration, copied onto the trainer pod."""
 
-    key: str | None = Field(default=None, max_length=317, description="Taint key.")
+    key: str | None = Field(default=None, max_length=317, pattern=r"^$|" + LABEL_KEY_PATTERN,
+                            description="Taint key (label-key syntax); empty matches every key.")
     operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
-    value: str | None = Field(default=None, max_length=63, description="Taint value.")
+    value: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE_PATTERN,
+                              description="Taint value (label-value syntax).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to tolerate.")
     toleration_seconds: int | None = Field(default=None, ge=0,
                                            description="For NoExecute: how long the pod stays bound.")
+
+    @model_validator(mode="after")
+    def _as_kubernetes_checks(self) -> Toleration:
+        """The pod-level rules the API server would otherwise refuse the Job for (the CRD
+        checks the same in CEL: TOLERATION_RULES, in the same order)."""
+        holds = [self.operator != "Exists" or not self.value,
+                 bool(self.key) or self.operator == "Exists",
+                 self.toleration_seconds is None or self.effect == "NoExecute"]
+        for ok, rule in zip(holds, TOLERATION_RULES, strict=True):
+            if not ok:
+                raise ValueError(rule["message"])
+        return self
+
+
+TOLERATION_RULES = [
+    cel("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        "value must be empty when operator is Exists", field_path=".value"),
+    cel("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+        "operator must be Exists when key is empty (a toleration of every taint)",
+        field_path=".operator"),
+    cel("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        "tolerationSeconds needs effect NoExecute", field_path=".tolerationSeconds"),
+]
 
 
 def _parse_gpus(value: Any) -> Any:
@@ -398,8 +448,9 @@ class ResourcesSpec(ApiModel):
                                  description="auto, none, zero2, zero3 or zero3-offload.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32,
                                           description="Extra tolerations for the trainer pod.")
-    node_selector: dict[str, str] = Field(default_factory=dict,
-                                          description="Extra node selector for the trainer pod.")
+    node_selector: NodeSelector = Field(
+        default_factory=dict, max_length=32,
+        description="Extra node selector for the trainer pod (label keys and values).")
     priority_class_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN,
                                             max_length=253,
                                             description="PriorityClass for the trainer pod.")
@@ -412,6 +463,11 @@ class ResourcesSpec(ApiModel):
 
 
 RESOURCES_RULES = [
+    cel("!has(self.nodeSelector) || self.nodeSelector.all(k, k.size() <= 317 && "
+        f"k.matches('{_cel_quote(LABEL_KEY_PATTERN)}'))",
+        "nodeSelector keys must be label keys: an optional DNS-subdomain prefix and '/', then "
+        "a name of at most 63 letters, digits, '-', '_' or '.', starting and ending with a "
+        "letter or digit", field_path=".nodeSelector"),
     cel("!(has(self.gpus) && has(self.deepspeed) && type(self.gpus) == int && self.gpus > 1 "
         "&& self.deepspeed == 'none')",
         "gpus > 1 needs deepspeed auto, zero2, zero3 or zero3-offload", field_path=".deepspeed"),
@@ -425,8 +481,8 @@ class OutputSpec(ApiModel):
         "Adapter destination: s3://bucket/prefix/, pvc://claim/path or file:///path (local runs)."))
     endpoint: str | None = Field(default=None, pattern=ENDPOINT_PATTERN, max_length=512,
                                  description="S3-compatible endpoint; defaults to the operator's.")
-    region: str = Field(default="us-east-1", pattern=r"^[a-z0-9-]+$", max_length=64,
-                        description="S3 region.")
+    region: str | None = Field(default=None, pattern=r"^[a-z0-9-]+$", max_length=64,
+                               description="S3 region; defaults to the operator's s3Region.")
     credentials_secret: str | None = Field(
         default=None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253,
         description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
@@ -646,7 +702,7 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(default="", max_length=63, pattern=r"^$|" + DNS_LABEL_PATTERN)
+    name: str = Field(default="", max_length=MAX_NAME_LENGTH, pattern=r"^$|" + DNS_LABEL_PATTERN)
     namespace: str | None = None
     uid: str | None = None
     generation: int | None = None
@@ -664,8 +720,16 @@ class LoRAJob(ApiModel):
     status: LoRAJobStatus | None = None
 
 
+# Rules on the whole object (the CRD's root): the name cap that keeps child names unhashed.
+ROOT_RULES = [
+    cel(f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+        f"metadata.name must be at most {MAX_NAME_LENGTH} characters, so that the names of the "
+        "objects made for the job (<name>-trainer, <name>-a<attempt>) fit Kubernetes' 63 "
+        "without shortening", reason="FieldValueTooLong"),
+]
 # The CEL rules keyed by the model they attach to; the CRD generator reads this.
 MODEL_RULES: dict[type[BaseModel], list[dict[str, Any]]] = {
+    Toleration: TOLERATION_RULES,
     BaseModelSpec: BASE_MODEL_RULES,
     SplitSpec: SPLIT_RULES,
     LoraSpec: LORA_RULES,
@@ -712,6 +776,11 @@ def _message(err: Any) -> str:
     return msg
 
 
+_LABEL_KEY_HINT = ("must be a label key: an optional DNS-subdomain prefix and '/', then a name "
+                   "of at most 63 letters, digits, '-', '_' or '.', starting and ending with a "
+                   "letter or digit")
+
+
 def _pattern_hint(pattern: str) -> str:
     hints = {
         MODEL_URI_PATTERN: "must be hf://org/name, s3://bucket/prefix, pvc://claim/path or file:///path",
@@ -721,6 +790,10 @@ def _pattern_hint(pattern: str) -> str:
         DNS_LABEL_PATTERN: "must be a DNS label (lowercase letters, digits and '-')",
         DNS_SUBDOMAIN_PATTERN: "must be a Kubernetes object name (lowercase, digits, '-', '.')",
         TARGET_MODULE_PATTERN: "must be all-linear or a module name such as q_proj",
+        LABEL_KEY_PATTERN: _LABEL_KEY_HINT,
+        r"^$|" + LABEL_KEY_PATTERN: _LABEL_KEY_HINT,
+        LABEL_VALUE_PATTERN: ("must be a label value: empty, or at most 63 letters, digits, "
+                              "'-', '_' or '.', starting and ending with a letter or digit"),
     }
     return hints.get(pattern, f"must match {pattern}")
 

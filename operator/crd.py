@@ -91,7 +91,7 @@ class Kind:
 
 
 LORAJOB = Kind(api.LoRAJob, api.KIND, api.PLURAL, api.SINGULAR, api.SHORT_NAMES,
-               PRINTER_COLUMNS, api.IMMUTABLE_SPEC_FIELDS, HEADER)
+               PRINTER_COLUMNS, api.IMMUTABLE_SPEC_FIELDS, HEADER, root_rules=api.ROOT_RULES)
 LORASWEEP = Kind(sweep_api.LoRASweep, sweep_api.KIND, sweep_api.PLURAL, sweep_api.SINGULAR,
                  sweep_api.SHORT_NAMES, SWEEP_PRINTER_COLUMNS,
                  sweep_api.IMMUTABLE_SPEC_FIELDS, SWEEP_HEADER,

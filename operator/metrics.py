@@ -23,6 +23,8 @@ RECONCILE_ERRORS = Counter("lora_operator_reconcile_errors_total",
                            "Reconciles that raised, by exception type.", ["error"])
 JOBS_CREATED = Counter("lora_operator_trainer_jobs_created_total",
                        "Trainer Jobs created (one per attempt).")
+JOBS_STOPPED = Counter("lora_operator_trainer_jobs_stopped_total",
+                       "Unfinished trainer Jobs deleted because their LoRAJob failed.")
 ESCALATIONS = Counter("lora_operator_oom_escalations_total",
                       "Out-of-memory attempts re-planned one VRAM class up.")
 TTL_DELETIONS = Counter("lora_operator_ttl_deletions_total",

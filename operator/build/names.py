@@ -2,12 +2,13 @@
 
 Names are deterministic functions of the LoRAJob's name (and attempt), never random: a
 restarted operator finds what it already made by name, and a create that races another
-one gets 409 AlreadyExists and adopts the existing object instead of making a duplicate.
+one gets 409 AlreadyExists and adopts the existing object, if its controller reference is
+this LoRAJob's uid, instead of making a duplicate. Names are never shortened or hashed,
+so two LoRAJobs never share a child name (the CRD caps LoRAJob names for that).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,27 +58,31 @@ class Owner:
         return self.labels.get(KUEUE_QUEUE_LABEL) or None
 
 
-def fit_name(base: str, suffix: str = "", limit: int = MAX_NAME) -> str:
-    """`base + suffix`, shortened with a stable hash of the full name when it is too long.
+class NameTooLongError(ValueError):
+    """A LoRAJob name too long for its children's names (the CRD refuses such names; one
+    created before that rule existed is failed with this message instead)."""
 
-    The hash keeps two long names that share a prefix apart; the suffix stays readable.
-    """
+
+def child_name(base: str, suffix: str) -> str:
+    """`base + suffix`, never shortened: a shortened (hashed) name can collide with another
+    LoRAJob's child, so a name that does not fit is refused instead. The CRD caps LoRAJob
+    names at `api.MAX_NAME_LENGTH`, which leaves room for every suffix used here."""
     full = base + suffix
-    if len(full) <= limit:
-        return full
-    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
-    keep = limit - len(suffix) - len(digest) - 1
-    return f"{base[:keep].rstrip('-.')}-{digest}{suffix}"
+    if len(base) > api.MAX_NAME_LENGTH or len(full) > MAX_NAME:
+        raise NameTooLongError(
+            f"metadata.name {base!r} is {len(base)} characters; at most {api.MAX_NAME_LENGTH} "
+            f"are allowed so that child objects such as {suffix!r} fit {MAX_NAME} characters")
+    return full
 
 
 def job_name(lorajob: str, attempt: int) -> str:
     """The batch/v1 Job of one attempt: `<name>-a<attempt>`."""
-    return fit_name(lorajob, f"-a{attempt}")
+    return child_name(lorajob, f"-a{attempt}")
 
 
 def trainer_name(lorajob: str) -> str:
     """ServiceAccount, Role, RoleBinding and ConfigMap: `<name>-trainer`."""
-    return fit_name(lorajob, "-trainer")
+    return child_name(lorajob, "-trainer")
 
 
 def selector_labels(owner: Owner) -> dict[str, str]:

@@ -12,11 +12,22 @@ What it does, in order:
 2. no placement yet → validate the spec, plan through the estimator, write the placement
    (or Fail at once with the reason and memory breakdown);
 3. no Job for the current attempt → create ServiceAccount, Role, RoleBinding, ConfigMap,
-   then the Job, all by deterministic name (409 = adopt);
+   then the Job, all by deterministic name (409 = adopt what this LoRAJob controls; someone
+   else's object fails the job with NameConflict, a refused create with ChildRejected);
 4. keep Job.spec.suspend in line with runPolicy.suspend (never unsuspending a Kueue job);
-5. a completed Job → verify the manifest in storage;
+5. a completed Job → verify the manifest in storage (`manifest.check`);
 6. derive the status (`status.derive_status`), patch it (optimistic concurrency), post
-   Events; after out-of-memory, re-plan one class up and start the next attempt.
+   Events; after out-of-memory, re-plan one class up and start the next attempt;
+7. Failed, for any reason → delete the attempt's unfinished Job so no GPU keeps burning.
+
+The trainer's token may patch the LoRAJob's status, so no decision here rests on a status
+field the trainer can write: the attempt is counted from the Jobs this LoRAJob controls,
+a Job is built from a placement the operator planned (kept in memory, else re-planned),
+and Succeeded is final only when the operator recorded it on the Job
+(`VERIFIED_ANNOTATION`, a place the trainer cannot write). Failed needs no record: acting
+on it only stops the job, which the trainer could do anyway by exiting.
+
+Errors are retried with per-key exponential backoff (`backoff.Backoff`), reset on success.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -33,12 +45,21 @@ from typing import Any, Protocol, TypeVar
 
 from lora_operator import api, contract, metrics
 from lora_operator.build import config_map, job, names, rbac
-from lora_operator.reconcile import planning
-from lora_operator.reconcile.kube import Kube, head_manifest
+from lora_operator.plan import policy
+from lora_operator.reconcile import manifest as manifests
+from lora_operator.reconcile import planning, preflight
+from lora_operator.reconcile.backoff import Backoff
+from lora_operator.reconcile.kube import (
+    ChildRejectedError,
+    Kube,
+    NameConflictError,
+    controller_uid,
+)
 from lora_operator.reconcile.status import (
     Derived,
     Event,
     ManifestCheck,
+    attempt_of,
     derive_status,
     failed_patch,
     parse_result,
@@ -55,7 +76,15 @@ K = TypeVar("K", bound=tuple[Any, ...])
 Key = tuple[str, str]
 Obj = Mapping[str, Any]
 EventPoster = Callable[[Obj, Event], None]
-RETRY_SECONDS = 15.0
+RETRY_SECONDS = 15.0  # the sweep controller's fixed retry; LoRAJobs use `Backoff`
+# On the Job of the attempt that succeeded: when the operator verified it (RFC 3339).
+VERIFIED_ANNOTATION = f"{api.GROUP}/verified-at"
+
+
+def _finished(obj: Obj | None) -> bool:
+    """Whether a Job has run to its end (Complete or Failed): its pods hold no GPU."""
+    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+               for c in ((obj or {}).get("status") or {}).get("conditions") or [])
 
 
 def _rv(obj: Obj | None) -> int:
@@ -177,6 +206,11 @@ class Controller:
         self._waiting: set[Key] = set()
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._manifests: dict[tuple[str, int], ManifestCheck] = {}
+        # The placement the operator planned for (uid, attempt): what the next Job is built
+        # from (status.placement is writable by the trainer's token, so it is only shown).
+        self._placements: dict[Key, tuple[str, int, api.Placement]] = {}
+        self._errors = Backoff()  # reconciles that raised
+        self._rechecks = Backoff(base=2.0)  # storage or pod state not there yet
 
     # ------------------------------------------------------------------ watch feed
 
@@ -188,6 +222,9 @@ class Controller:
         timer = self._timers.pop(key, None)
         if timer:
             timer.cancel()
+        self._placements.pop(key, None)
+        self._errors.reset(key)
+        self._rechecks.reset(key)
         metrics.observe_phase(key, None)
 
     # ------------------------------------------------------------------ helpers
@@ -206,13 +243,15 @@ class Controller:
     def _emit(self, body: Obj, events: list[Event]) -> None:
         for ev in events:
             try:
-                self.post_event(body, ev)
+                self.post_event(body, dataclasses.replace(
+                    ev, message=contract.redact_url_secrets(ev.message)))
             except Exception:  # an Event is a courtesy; never fail a reconcile for it
                 log.exception("could not post event %s", ev.reason)
 
     async def _patch(self, key: Key, body: Obj, patch: dict[str, Any]) -> Obj | None:
         """Patch status guarded by the resourceVersion we derived it from."""
         rv = (body.get("metadata") or {}).get("resourceVersion")
+        patch = contract.redact_messages(patch)  # presigned URLs are credentials
         out = await self._io(self.kube.patch_status, key[0], key[1], patch, rv)
         if out is not None:
             self._written[key] = out
@@ -247,8 +286,11 @@ class Controller:
                         break
             except Exception as exc:
                 metrics.RECONCILE_ERRORS.labels(error=type(exc).__name__).inc()
-                log.exception("reconcile of %s/%s failed; retrying in %ss", *key, RETRY_SECONDS)
-                self.requeue(key, RETRY_SECONDS)
+                delay = self._errors.next(key)
+                log.exception("reconcile of %s/%s failed; retrying in %.0fs", *key, delay)
+                self.requeue(key, delay)
+            else:
+                self._errors.reset(key)
             finally:
                 metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
         if self.view.lorajob(key) is None:
@@ -260,9 +302,24 @@ class Controller:
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return False
         status = body.get("status") or {}
-        if status.get("phase") in (api.Phase.SUCCEEDED.value, api.Phase.FAILED.value):
+        if status.get("phase") == api.Phase.FAILED.value:
+            await self._stop_jobs(key, body)  # again: the operator may have died in between
             self.schedule_ttl(key, body)
             return False
+        try:
+            names.trainer_name(key[1])  # created before the CRD capped names
+        except names.NameTooLongError as exc:
+            return await self._fail(key, body, "NameTooLong", str(exc), planning=True)
+        uid = (body.get("metadata") or {}).get("uid") or ""
+        owned = self._owned_jobs(key, uid)
+        attempt = max(owned, default=1)
+        if status.get("phase") == api.Phase.SUCCEEDED.value:
+            done = self._verified_at(owned.get(attempt))
+            if done:
+                self.schedule_ttl(key, body, done)
+                return False
+            # A Succeeded the operator did not record (the trainer's token wrote it):
+            # derived again below, which overwrites it.
 
         try:
             spec = api.parse_spec(dict(body.get("spec") or {}))
@@ -271,40 +328,121 @@ class Controller:
         problem = local_uri_problem(spec, self.settings)
         if problem:
             return await self._fail(key, body, "LocalURIRefused", problem, planning=True)
+        if refused := policy.violation(spec, key[0], self.settings):
+            return await self._fail(key, body, refused.reason, refused.message, planning=True)
         problem = await self._io(endpoint_problem, spec)
         if problem:
             return await self._fail(key, body, "EndpointRefused", problem, planning=True)
 
         if not status.get("placement"):
-            return await self._plan(key, body, spec)
+            return await self._plan(key, body, spec, attempt)
 
         owner = names.Owner.from_body(body)
-        attempt = int(status.get("attempts") or 1)
-        current = self._job(key, attempt)
-        if current is None:
-            current = await self._start_attempt(key, body, spec, owner, attempt)
-        else:
-            current = await self._sync_suspend(key, owner, current, spec)
+        current = owned.get(attempt)
+        try:
+            if (gate := await preflight.gate(self, key, body, spec, owner)) is not None:
+                return gate  # the dataset preflight (CPU only) runs before attempt 1's Job
+            if current is None:
+                current = await self._start_attempt(key, body, spec, owner, attempt)
+                if current is None:
+                    return False  # planning said no, or retries later: handled there
+            else:
+                current = await self._sync_suspend(key, owner, current, spec)
+        except NameConflictError as exc:
+            return await self._fail(key, body, "NameConflict", str(exc))
+        except ChildRejectedError as exc:
+            return await self._fail(key, body, "ChildRejected", str(exc))
 
         pods = self.view.pods(key)
         manifest = await self._manifest(key, body, spec, current, pods, attempt)
-        derived = derive_status(body, current, pods, self.settings, manifest=manifest)
+        derived = derive_status(body, current, pods, self.settings, manifest=manifest,
+                                attempt=attempt, trust_finished=False)
         if derived.escalate:
             return await self._escalate(key, body, spec, attempt)
-        return await self._apply(key, body, derived,
-                                 retry=derived.requeue or (manifest is not None and manifest.verified is None))
+        completed = None
+        if derived.phase == api.Phase.SUCCEEDED and current is not None:
+            completed = await self._record_success(key, current, derived)
+        retry = derived.requeue or (manifest is not None and manifest.verified is None)
+        return await self._apply(key, body, derived, completed=completed,
+                                 retry=self._recheck_delay(key, current) if retry else None)
 
-    async def _apply(self, key: Key, body: Obj, derived: Derived, retry: bool = False) -> bool:
+    def _owned_jobs(self, key: Key, uid: str) -> dict[int, Obj]:
+        """This LoRAJob's trainer Jobs by attempt (the watch's copies and our own writes).
+        Only a Job whose controller is this LoRAJob's uid counts, and the highest attempt
+        among them is the current one: `status.attempts` is the trainer's to write too."""
+        seen = self.view.jobs(key)
+        job_names = set(seen) | {jk[1] for jk in self._jobs_written if jk[0] == key}
+        out: dict[int, Obj] = {}
+        for name in job_names:
+            obj = _fresher(seen.get(name), self._jobs_written, (key, name))
+            if obj is None or not uid or controller_uid(dict(obj)) != uid:
+                continue
+            n = attempt_of(obj)
+            if n >= 1 and name == names.job_name(key[1], n):
+                out[n] = obj
+        return out
+
+    @staticmethod
+    def _verified_at(current: Obj | None) -> str | None:
+        """When the operator recorded this Job's attempt as verified Succeeded, if it did."""
+        annotations = ((current or {}).get("metadata") or {}).get("annotations") or {}
+        return annotations.get(VERIFIED_ANNOTATION) or None
+
+    async def _record_success(self, key: Key, current: Obj, derived: Derived) -> str:
+        """Note the verified success on the Job before the status says Succeeded; returns
+        the recorded time."""
+        done = self._verified_at(current)
+        if done:
+            return done
+        meta = current.get("metadata") or {}
+        stamp = str(derived.patch.get("completionTime") or "") or \
+            dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        updated = await self._io(self.kube.set_job_annotation, meta.get("namespace") or key[0],
+                                 meta.get("name") or "", VERIFIED_ANNOTATION, stamp)
+        self._jobs_written[(key, meta.get("name") or "")] = updated
+        return stamp
+
+    def _recheck_delay(self, key: Key, current: Obj | None) -> float:
+        """Backoff for looking at storage / the pod again, never past the verification
+        deadline (so ManifestUnverified is decided when it is due)."""
+        delay = self._rechecks.next(key)
+        done = parse_time(((current or {}).get("status") or {}).get("completionTime"))
+        if done is not None:
+            due = done + dt.timedelta(seconds=self.settings.manifest_verify_timeout_seconds)
+            left = (due - dt.datetime.now(dt.UTC)).total_seconds() + 1.0
+            delay = min(delay, max(1.0, left))
+        return delay
+
+    async def _stop_jobs(self, key: Key, body: Obj) -> None:
+        """Delete every unfinished Job of this LoRAJob (its pods go with it, in the
+        background): a Failed job must not keep a GPU. Finished Jobs stay for their logs."""
+        uid = (body.get("metadata") or {}).get("uid") or ""
+        for obj in self._owned_jobs(key, uid).values():
+            if _finished(obj):
+                continue
+            meta = obj.get("metadata") or {}
+            name = meta.get("name") or ""
+            if await self._io(self.kube.delete_job, key[0], name, meta.get("uid") or ""):
+                metrics.JOBS_STOPPED.inc()
+                log.info("deleted Job %s/%s: its LoRAJob failed", key[0], name)
+            self._jobs_written.pop((key, name), None)
+
+    async def _apply(self, key: Key, body: Obj, derived: Derived,
+                     retry: float | None = None, completed: str | None = None) -> bool:
         if derived.patch:
             out = await self._patch(key, body, derived.patch)
             if out is None:
                 return await self._refresh(key) is not None
             self._emit(out, derived.events)
             body = out
-        if retry:  # storage could not be asked yet: look again later
-            self.requeue(key, RETRY_SECONDS)
+        if retry is not None:  # storage or the pod's state not there yet: look again later
+            self.requeue(key, retry)
+        else:
+            self._rechecks.reset(key)
+        if derived.phase == api.Phase.FAILED:
+            await self._stop_jobs(key, body)
         if derived.phase.finished:
-            self.schedule_ttl(key, body)
+            self.schedule_ttl(key, body, completed)
         return False
 
     async def _fail(self, key: Key, body: Obj, reason: str, message: str,
@@ -313,18 +451,21 @@ class Controller:
         if out is None:
             return await self._refresh(key) is not None
         self._emit(out, [Event("Warning", reason, message)])
+        await self._stop_jobs(key, out)
         self.schedule_ttl(key, out)
         return False
 
-    async def _plan(self, key: Key, body: Obj, spec: api.LoRAJobSpec) -> bool:
-        outcome = await self._io(planning.plan, spec, self.settings)
+    async def _plan(self, key: Key, body: Obj, spec: api.LoRAJobSpec, attempt: int = 1) -> bool:
+        outcome = await self._io(self._planner(attempt), spec, self.settings, attempt - 1)
         if outcome.placement is None:
             if outcome.retryable:
-                log.warning("planning %s/%s: %s; retrying", *key, outcome.message)
-                self.requeue(key, RETRY_SECONDS)
+                delay = self._errors.next(key)
+                log.warning("planning %s/%s: %s; retrying in %.0fs", *key, outcome.message, delay)
+                self.requeue(key, delay)
                 return False
             return await self._fail(key, body, outcome.reason, outcome.message, planning=True)
-        patch = planned_patch(body, outcome.placement)
+        self._remember(key, body, attempt, outcome.placement)
+        patch = planned_patch(body, outcome.placement, attempts=attempt)
         out = await self._patch(key, body, patch)
         if out is None:
             return await self._refresh(key) is not None
@@ -332,11 +473,42 @@ class Controller:
                                f"{' (' + outcome.message + ')' if outcome.message else ''}")])
         return True  # go on and create the Job in the same reconcile
 
+    @staticmethod
+    def _planner(attempt: int) -> Callable[[api.LoRAJobSpec, Settings, int],
+                                           planning.PlanOutcome]:
+        """Attempt 1 is planned from scratch; attempt n is n-1 escalations up from it."""
+        if attempt > 1:
+            return planning.escalate
+        return lambda spec, settings, _failed: planning.plan(spec, settings)
+
+    def _remember(self, key: Key, body: Obj, attempt: int, placement: api.Placement) -> None:
+        uid = (body.get("metadata") or {}).get("uid") or ""
+        self._placements[key] = (uid, attempt, placement)
+
+    async def _placement(self, key: Key, body: Obj, spec: api.LoRAJobSpec,
+                         attempt: int) -> api.Placement | None:
+        """The placement the operator planned for this attempt: from memory, else planned
+        again (deterministic: the same spec and settings give the same placement), never
+        read back from status.placement, which the trainer's token can write."""
+        uid = (body.get("metadata") or {}).get("uid") or ""
+        kept = self._placements.get(key)
+        if kept is not None and kept[:2] == (uid, attempt):
+            return kept[2]
+        outcome = await self._io(self._planner(attempt), spec, self.settings, attempt - 1)
+        if outcome.placement is None:
+            if outcome.retryable:
+                self.requeue(key, self._errors.next(key))
+                return None
+            await self._fail(key, body, outcome.reason, outcome.message)
+            return None
+        self._remember(key, body, attempt, outcome.placement)
+        return outcome.placement
+
     async def _escalate(self, key: Key, body: Obj, spec: api.LoRAJobSpec, attempt: int) -> bool:
         outcome = await self._io(planning.escalate, spec, self.settings, attempt)
         if outcome.placement is None:
             if outcome.retryable:
-                self.requeue(key, RETRY_SECONDS)
+                self.requeue(key, self._errors.next(key))
                 return False
             return await self._fail(key, body, "OutOfMemory", outcome.message)
         old = (body.get("status") or {}).get("placement") or {}
@@ -344,12 +516,21 @@ class Controller:
                f"({old.get('method')}); attempt {attempt + 1}: "
                f"{outcome.placement.method} on {outcome.placement.vram_class} × "
                f"{outcome.placement.gpus} GPU")
+        self._remember(key, body, attempt + 1, outcome.placement)
         out = await self._patch(key, body, planned_patch(body, outcome.placement,
                                                          attempts=attempt + 1, message=msg))
         if out is None:
             return await self._refresh(key) is not None
         metrics.ESCALATIONS.inc()
         self._emit(out, [Event("Warning", "OutOfMemory", msg)])
+        # The next attempt's Job now, not on the next pass: the attempt is counted from
+        # the Jobs that exist (a crash before this line escalates again, to the same place).
+        try:
+            await self._start_attempt(key, out, spec, names.Owner.from_body(out), attempt + 1)
+        except NameConflictError as exc:
+            return await self._fail(key, out, "NameConflict", str(exc))
+        except ChildRejectedError as exc:
+            return await self._fail(key, out, "ChildRejected", str(exc))
         return True
 
     # ------------------------------------------------------------------ children
@@ -367,8 +548,9 @@ class Controller:
 
     async def _start_attempt(self, key: Key, body: Obj, spec: api.LoRAJobSpec,
                              owner: names.Owner, attempt: int) -> Obj | None:
-        status = body.get("status") or {}
-        placement = api.Placement.model_validate(status.get("placement") or {})
+        placement = await self._placement(key, body, spec, attempt)
+        if placement is None:
+            return None
         vram_class = planning.vram_class_for(placement, self.settings)
         cfg = config_map.trainer_config(owner, spec, placement, attempt, self.settings)
         for child in (rbac.service_account(owner), rbac.role(owner), rbac.role_binding(owner)):
@@ -381,16 +563,13 @@ class Controller:
             backoff_limit=max(0, spec.run_policy.backoff_limit - (attempt - 1)),
             active_deadline_seconds=self._deadline(body, spec, attempt))
         manifest = job.build_job(owner, spec, inputs, self.settings)
-        created = await self._io(self.kube.create, manifest)
-        if created is None:  # it was there already (restart, or a racing replica): adopt it
-            created = await self._io(self.kube.read_job, owner.namespace,
-                                     manifest["metadata"]["name"])
-        else:
+        # Already there (restart, or a racing replica) and ours: adopted as it is.
+        created, new = await self._io(self.kube.create, manifest)
+        if new:
             metrics.JOBS_CREATED.inc()
             log.info("created Job %s/%s (attempt %d)", owner.namespace,
                      manifest["metadata"]["name"], attempt)
-        if created is not None:
-            self._jobs_written[(key, manifest["metadata"]["name"])] = created
+        self._jobs_written[(key, manifest["metadata"]["name"])] = created
         return created
 
     async def _sync_suspend(self, key: Key, owner: names.Owner, current: Obj,
@@ -422,36 +601,13 @@ class Controller:
             return cached
         result = None
         for pod in pods:
-            if (pod.get("status") or {}).get("phase") == "Succeeded":
+            if attempt_of(pod) == attempt and (pod.get("status") or {}).get("phase") == "Succeeded":
                 term = trainer_state(pod).get("terminated") or {}
                 result = parse_result(term.get("message"))[0] or result
-        check = await self._io(self.check_manifest, spec, result)
+        check = await self._io(manifests.check, spec, result, uid, self.settings)
         if check.verified is not None:
             self._manifests[(uid, attempt)] = check
         return check
-
-    def check_manifest(self, spec: api.LoRAJobSpec,
-                       result: contract.TrainerResult | None) -> ManifestCheck:
-        """Is the manifest the trainer reported really in storage?
-
-        With the operator's default credentials the operator HEADs it itself. A job that
-        names its own credentials Secret is taken on the trainer's checksum report: the
-        operator never reads a job's secrets.
-        """
-        if result is None:
-            return ManifestCheck(None, "no result yet")
-        uri = result.manifest_uri
-        if not uri:
-            return ManifestCheck(False, "the trainer reported success without a manifest")
-        if spec.output.credentials_secret:
-            return ManifestCheck(True, f"manifest {uri} verified by the trainer's checksum "
-                                       f"report (sha256 {result.manifest_sha256 or 'n/a'}); "
-                                       "the operator does not read the job's own credentials")
-        if not uri.startswith("s3://"):
-            return ManifestCheck(True, f"manifest {uri} reported by the trainer (not reachable "
-                                       "from the operator)")
-        endpoint = spec.output.endpoint or self.settings.s3_endpoint
-        return head_manifest(uri, endpoint, spec.output.region or self.settings.s3_region)
 
     # ------------------------------------------------------------------ timers
 
@@ -466,10 +622,11 @@ class Controller:
             old.cancel()
         self._timers[key] = loop.call_later(max(0.0, delay), fn)
 
-    def schedule_ttl(self, key: Key, body: Obj) -> None:
+    def schedule_ttl(self, key: Key, body: Obj, completed: str | None = None) -> None:
         """One timer per finished LoRAJob, firing when its TTL ends: no polling at all, so
-        thousands of finished jobs cost nothing while they wait."""
-        due = ttl_deadline(body)
+        thousands of finished jobs cost nothing while they wait. `completed`: the finish
+        the operator recorded on the Job (wins over the status's completionTime)."""
+        due = ttl_deadline(body, completed)
         if due is None:
             return
         delay = (due - dt.datetime.now(dt.UTC)).total_seconds()
@@ -478,13 +635,17 @@ class Controller:
     async def _expire(self, key: Key) -> None:
         self._timers.pop(key, None)
         body = self._lorajob(key)
-        due = ttl_deadline(body) if body else None
-        if body is None or due is None:
-            return
-        if due > dt.datetime.now(dt.UTC):
-            self.schedule_ttl(key, body)
+        if body is None:
             return
         uid = (body.get("metadata") or {}).get("uid") or ""
+        owned = self._owned_jobs(key, uid)
+        completed = self._verified_at(owned.get(max(owned, default=1)))
+        due = ttl_deadline(body, completed)
+        if due is None:
+            return
+        if due > dt.datetime.now(dt.UTC):
+            self.schedule_ttl(key, body, completed)
+            return
         if await self._io(self.kube.delete_lorajob, key[0], key[1], uid):
             metrics.TTL_DELETIONS.inc()
             log.info("deleted %s/%s: ttlSecondsAfterFinished passed", *key)

@@ -57,12 +57,14 @@ Obj = Mapping[str, Any]
 class ManifestCheck:
     """What the operator learnt about the adapter's manifest.json in storage.
 
-    verified: True (found, or vouched for by the trainer), False (missing), None (could not
-    check yet, e.g. storage unreachable: stay Uploading and try again).
+    verified: True (found, or vouched for by the trainer), False (missing or not this job's:
+    `reason` says which), None (could not check yet, e.g. storage unreachable: stay
+    Uploading and try again until `Settings.manifest_verify_timeout_seconds`).
     """
 
     verified: bool | None
     message: str = ""
+    reason: str = "ManifestMissing"
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,10 @@ def _placement_summary(placement: Obj) -> str:
 
 # --------------------------------------------------------------------------- conditions
 
+# Set by their own stage (`reconcile.preflight`), not by the phase table: never turned False
+# by a later phase's conditions.
+STAGE_CONDITIONS = (CT.DATASET_VALIDATED.value,)
+
 
 def merge_conditions(existing: Sequence[Obj], desired: Mapping[str, tuple[str, str, str]],
                      generation: int | None, now: str,
@@ -174,7 +180,8 @@ def merge_conditions(existing: Sequence[Obj], desired: Mapping[str, tuple[str, s
 
     `desired` maps type → (status, reason, message). A type present before but not desired
     now turns False (reason = `keep`-less default "NotApplicable") so the history stays
-    readable; lastTransitionTime changes only when status changes.
+    readable; lastTransitionTime changes only when status changes. `STAGE_CONDITIONS`
+    belong to a stage of their own (the dataset preflight) and are always kept.
     """
     by_type = {c.get("type"): c for c in existing}
     out: list[dict[str, Any]] = []
@@ -185,7 +192,7 @@ def merge_conditions(existing: Sequence[Obj], desired: Mapping[str, tuple[str, s
         old = by_type.get(ctype)
         if ctype in desired:
             status, reason, message = desired[ctype]
-        elif ctype in keep and old is not None:
+        elif (ctype in keep or ctype in STAGE_CONDITIONS) and old is not None:
             out.append(dict(old))
             continue
         elif old is not None and old.get("status") == "True":
@@ -251,8 +258,15 @@ def _pod_status_overdue(job: Obj, now: dt.datetime) -> bool:
     return done is not None and (now - done).total_seconds() > POD_STATUS_GRACE_SECONDS
 
 
+def _verification_overdue(job: Obj, now: dt.datetime, timeout: float) -> bool:
+    """Whether the manifest has been unverifiable for longer than the settings allow."""
+    done = parse_time((job.get("status") or {}).get("completionTime"))
+    return done is not None and (now - done).total_seconds() > timeout
+
+
 def _job_verdict(lorajob: Obj, job: Obj | None, pods: list[Obj], attempt: int,
-                 manifest: ManifestCheck | None, now: dt.datetime) -> _Verdict:
+                 manifest: ManifestCheck | None, now: dt.datetime,
+                 verify_timeout: float) -> _Verdict:
     spec = lorajob.get("spec") or {}
     run_policy = spec.get("runPolicy") or {}
     want_suspend = bool(run_policy.get("suspend"))
@@ -285,9 +299,14 @@ def _job_verdict(lorajob: Obj, job: Obj | None, pods: list[Obj], attempt: int,
                             f"message{': ' + raw if raw else ''}", node=node, event_type="Warning")
         if manifest is None or manifest.verified is None:
             why = manifest.message if manifest else "verifying the adapter's manifest in storage"
+            if _verification_overdue(job, now, verify_timeout):
+                return _Verdict(Phase.FAILED, "ManifestUnverified",
+                                f"the adapter's manifest could not be verified within "
+                                f"{verify_timeout:g} s after the trainer finished: {why}",
+                                node=node, event_type="Warning")
             return _Verdict(Phase.UPLOADING, "VerifyingManifest", why, node=node, result=result)
         if not manifest.verified:
-            return _Verdict(Phase.FAILED, "ManifestMissing", manifest.message, node=node,
+            return _Verdict(Phase.FAILED, manifest.reason, manifest.message, node=node,
                             result=result, event_type="Warning")
         msg = f"adapter at {result.adapter_uri}; {manifest.message}".strip("; ")
         return _Verdict(Phase.SUCCEEDED, "Completed", msg, node=node, result=result)
@@ -452,16 +471,21 @@ def result_status(result: contract.TrainerResult) -> dict[str, Any]:
 
 def derive_status(lorajob: Obj, job: Obj | None, pods: Sequence[Obj], settings: Settings,
                   *, manifest: ManifestCheck | None = None,
-                  now: dt.datetime | None = None) -> Derived:
+                  now: dt.datetime | None = None, attempt: int | None = None,
+                  trust_finished: bool = True) -> Derived:
     """The status `lorajob` should have, given its current Job and trainer pods.
 
-    `job` is the Job of the current attempt (`status.attempts`), `pods` every trainer pod of
-    every attempt (cost covers them all). Returns the merge patch to reach it (empty when
-    nothing changed), the Events to post, and whether to escalate after out-of-memory.
+    `job` is the Job of the current attempt, `pods` every trainer pod of every attempt (cost
+    covers them all). The attempt is the caller's (the operator counts it from the Jobs it
+    made; `status.attempts` is only the default, for tests). With `trust_finished` False a
+    Succeeded/Failed phase in the status is not taken as final: the trainer's token can
+    write the status, so a finished phase the operator did not record is derived afresh.
+    Returns the merge patch to reach it (empty when nothing changed), the Events to post,
+    and whether to escalate after out-of-memory.
     """
     status = lorajob.get("status") or {}
     old_phase = status.get("phase")
-    if old_phase in (Phase.SUCCEEDED.value, Phase.FAILED.value):
+    if trust_finished and old_phase in (Phase.SUCCEEDED.value, Phase.FAILED.value):
         return Derived(phase=Phase(old_phase))
     placement = status.get("placement")
     if not placement:
@@ -469,9 +493,10 @@ def derive_status(lorajob: Obj, job: Obj | None, pods: Sequence[Obj], settings: 
 
     stamp = now_rfc3339(now)
     generation = (lorajob.get("metadata") or {}).get("generation")
-    attempt = int(status.get("attempts") or 1)
+    attempt = attempt or int(status.get("attempts") or 1)
     verdict = _job_verdict(lorajob, job, list(pods), attempt, manifest,
-                           now or dt.datetime.now(dt.UTC))
+                           now or dt.datetime.now(dt.UTC),
+                           settings.manifest_verify_timeout_seconds)
 
     desired = _phase_conditions(verdict.phase, verdict.reason, verdict.message, placement)
     if verdict.scheduled is not None:
@@ -507,6 +532,8 @@ def derive_status(lorajob: Obj, job: Obj | None, pods: Sequence[Obj], settings: 
         new["completionTime"] = stamp
         if verdict.result is not None and verdict.phase == Phase.SUCCEEDED:
             new["result"] = result_status(verdict.result)
+    if status.get("result") and verdict.phase != Phase.SUCCEEDED:
+        new["result"] = None  # only a verified success has a result (a forged one goes)
     spent = cost(pods, settings)
     if spent is not None:
         new["cost"] = spent
@@ -581,13 +608,14 @@ def failed_patch(lorajob: Obj, reason: str, message: str, now: dt.datetime | Non
     }
 
 
-def ttl_deadline(lorajob: Obj) -> dt.datetime | None:
-    """When a finished LoRAJob is due for deletion (runPolicy.ttlSecondsAfterFinished)."""
+def ttl_deadline(lorajob: Obj, completed: str | None = None) -> dt.datetime | None:
+    """When a finished LoRAJob is due for deletion (runPolicy.ttlSecondsAfterFinished);
+    `completed` (the operator's own record of the finish) wins over status.completionTime."""
     status = lorajob.get("status") or {}
     if status.get("phase") not in (Phase.SUCCEEDED.value, Phase.FAILED.value):
         return None
     ttl = ((lorajob.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-    done = parse_time(status.get("completionTime"))
+    done = parse_time(completed or status.get("completionTime"))
     if ttl is None or done is None:
         return None
     return done + dt.timedelta(seconds=int(ttl))

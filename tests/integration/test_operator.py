@@ -10,6 +10,7 @@ tests that kill or duplicate the operator start their own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -116,7 +117,9 @@ def lorajob(name: str, ns: str, *, annotations: dict[str, str] | None = None,
             labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "baseModel": {"uri": MODEL_URI},
-        "dataset": {"uri": "s3://lora-test/data/train.jsonl"},
+        # kwok plays the trainer pod and nothing reads this file: the dataset preflight is
+        # off here (tests/integration/test_preflight.py covers it, with kwok and for real).
+        "dataset": {"uri": "s3://lora-test/data/train.jsonl", "preflight": {"enabled": False}},
         "method": "lora",
         "output": {"uri": f"s3://lora-test/adapters/{ns}/{name}/"},
     }
@@ -132,11 +135,13 @@ def success(ns: str, name: str, s3: Any | None = None, *, upload: bool = True,
     """kwok annotations for a trainer that succeeds with a TrainerResult; uploads the
     manifest where the result says it is (as the trainer would) unless told not to."""
     key = f"adapters/{ns}/{name}/manifest.json"
+    manifest = json.dumps({"files": []}).encode()  # the operator checks its sha256
     result = {"exitCode": 0, "reason": "Completed", "adapterUri": f"s3://lora-test/adapters/{ns}/{name}/",
-              "manifestUri": f"s3://lora-test/{key}", "manifestSha256": "ab" * 32,
+              "manifestUri": f"s3://lora-test/{key}",
+              "manifestSha256": hashlib.sha256(manifest).hexdigest(),
               "sizeBytes": 4096, "baseEvalLoss": 2.0, "adapterEvalLoss": 1.2, "improvement": 0.4}
     if upload and s3 is not None:
-        s3.put_object(Bucket="lora-test", Key=key, Body=json.dumps({"files": []}).encode())
+        s3.put_object(Bucket="lora-test", Key=key, Body=manifest)
     return {f"kwok.lorajob.dev/{prefix}termination-message": json.dumps(result),
             f"kwok.lorajob.dev/{prefix}exit-code": "0",
             f"kwok.lorajob.dev/{prefix}run-seconds": str(run_seconds)}

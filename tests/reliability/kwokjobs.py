@@ -5,6 +5,7 @@ per test with its own instance label, and scans of what the operator left behind
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -33,7 +34,9 @@ def lorajob(name: str, ns: str, instance: str, *, annotations: dict[str, str] | 
     body: dict[str, Any] = {
         # The shape too: a config.json read that times out on a loaded machine falls back to it.
         "baseModel": {"uri": MODEL_URI, "shape": SHAPE_8B},
-        "dataset": {"uri": "s3://lora-test/data/train.jsonl"},
+        # kwok plays the trainer pod and nothing reads this file: the dataset preflight is
+        # off here (tests/integration/test_preflight.py covers it, with kwok and for real).
+        "dataset": {"uri": "s3://lora-test/data/train.jsonl", "preflight": {"enabled": False}},
         "method": "lora",
         "output": {"uri": f"s3://lora-test/reliability/adapters/{ns}/{name}/"},
     }
@@ -47,10 +50,12 @@ def lorajob(name: str, ns: str, instance: str, *, annotations: dict[str, str] | 
 def success(ns: str, name: str, s3: Any, run_seconds: float = 1) -> dict[str, str]:
     """A trainer pod that exits 0 with a result; the manifest is put where it says."""
     key = f"reliability/adapters/{ns}/{name}/manifest.json"
-    s3.put_object(Bucket="lora-test", Key=key, Body=json.dumps({"files": {}}).encode())
+    manifest = json.dumps({"files": {}}).encode()  # the operator checks its sha256
+    s3.put_object(Bucket="lora-test", Key=key, Body=manifest)
     result = {"exitCode": 0, "reason": "Completed",
               "adapterUri": f"s3://lora-test/reliability/adapters/{ns}/{name}/",
-              "manifestUri": f"s3://lora-test/{key}", "manifestSha256": "ab" * 32,
+              "manifestUri": f"s3://lora-test/{key}",
+              "manifestSha256": hashlib.sha256(manifest).hexdigest(),
               "sizeBytes": 4096, "baseEvalLoss": 2.0, "adapterEvalLoss": 1.2, "improvement": 0.4}
     return {"kwok.lorajob.dev/termination-message": json.dumps(result),
             "kwok.lorajob.dev/exit-code": "0", "kwok.lorajob.dev/run-seconds": str(run_seconds)}

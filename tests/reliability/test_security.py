@@ -37,11 +37,13 @@ OPERATOR_EXPECTED = {
     "lorasweeps.lorajob.dev": ("", {"get", "list", "watch"}),
     "lorasweeps.lorajob.dev/status": ("", {"patch"}),
     "lorajobs.lorajob.dev/status": ("", {"get", "patch"}),  # also what the per-job Role grants
-    "jobs.batch": ("", {"get", "list", "watch", "create", "patch"}),  # patch: suspend
-    "configmaps": ("", {"create", "patch"}),  # patch: refresh an adopted ConfigMap
-    "serviceaccounts": ("", {"create"}),
-    "roles.rbac.authorization.k8s.io": ("", {"create"}),
-    "rolebindings.rbac.authorization.k8s.io": ("", {"create"}),
+    # patch: suspend, the verified-success record; delete: a Failed LoRAJob's running Job
+    "jobs.batch": ("", {"get", "list", "watch", "create", "patch", "delete"}),
+    # get: on 409, adopt only an object this LoRAJob controls (issue 13)
+    "configmaps": ("", {"get", "create", "patch"}),  # patch: refresh an adopted ConfigMap
+    "serviceaccounts": ("", {"get", "create"}),
+    "roles.rbac.authorization.k8s.io": ("", {"get", "create"}),
+    "rolebindings.rbac.authorization.k8s.io": ("", {"get", "create"}),
     "pods": ("", {"list", "watch"}),
     "events": ("", {"create"}),
     # cluster-wide reads for kopf's discovery
@@ -55,11 +57,11 @@ OPERATOR_REMOVED = {
     "lorasweeps.lorajob.dev/status": {"update"},
     "lorajobs.lorajob.dev": {"patch", "update"},
     "lorajobs.lorajob.dev/status": {"update"},
-    "jobs.batch": {"update", "delete"},
-    "configmaps": {"get", "list", "watch", "update", "delete"},
-    "serviceaccounts": {"get", "list", "watch", "patch", "update", "delete"},
-    "roles.rbac.authorization.k8s.io": {"get", "list", "watch", "patch", "update", "delete"},
-    "rolebindings.rbac.authorization.k8s.io": {"get", "list", "watch", "patch", "update", "delete"},
+    "jobs.batch": {"update", "deletecollection"},
+    "configmaps": {"list", "watch", "update", "delete"},
+    "serviceaccounts": {"list", "watch", "patch", "update", "delete"},
+    "roles.rbac.authorization.k8s.io": {"list", "watch", "patch", "update", "delete"},
+    "rolebindings.rbac.authorization.k8s.io": {"list", "watch", "patch", "update", "delete"},
     "pods": {"get"},
     "events": {"patch"},
     "events.events.k8s.io": {"create", "patch"},

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lora_operator import api
 from lora_operator.build import names
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-lorajob_names = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", fullmatch=True)
+
+lorajob_names = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?", fullmatch=True)
+MAX_ATTEMPT = 21  # runPolicy.backoffLimit is at most 20
 
 
 def owner() -> names.Owner:
@@ -23,20 +27,37 @@ def test_short_names_are_readable() -> None:
     assert names.trainer_name("support-bot") == "support-bot-trainer"
 
 
-@given(lorajob_names, st.integers(min_value=1, max_value=99))
+@given(lorajob_names, st.integers(min_value=1, max_value=MAX_ATTEMPT))
 def test_names_are_deterministic_dns_labels(name: str, attempt: int) -> None:
+    """Every name the CRD admits gives child names that fit as they are, unshortened."""
+    assert len(name) <= api.MAX_NAME_LENGTH
     for made in (names.job_name(name, attempt), names.trainer_name(name)):
         assert len(made) <= 63
         assert DNS_LABEL.match(made), made
+        assert made.startswith(name)
     assert names.job_name(name, attempt) == names.job_name(name, attempt)
 
 
-def test_long_names_keep_suffix_and_stay_distinct() -> None:
-    a, b = "x" * 60 + "-one", "x" * 60 + "-two"
-    ja, jb = names.job_name(a, 3), names.job_name(b, 3)
-    assert ja != jb
-    assert ja.endswith("-a3") and len(ja) == 63
-    assert names.trainer_name(a).endswith("-trainer")
+@given(lorajob_names, lorajob_names, st.integers(min_value=1, max_value=MAX_ATTEMPT))
+def test_two_lorajobs_never_share_a_child_name(a: str, b: str, attempt: int) -> None:
+    """The collision of issue 13 (hash-shortened names) cannot happen: distinct LoRAJob
+    names give distinct trainer objects and Jobs."""
+    if a != b:
+        assert names.trainer_name(a) != names.trainer_name(b)
+        assert names.job_name(a, attempt) != names.job_name(b, attempt)
+
+
+def test_names_too_long_for_their_children_are_refused_not_hashed() -> None:
+    """The 55- and 67-character pair that used to share `-trainer` objects: both refused
+    (the CRD refuses them first; the operator fails one created before the rule)."""
+    a = "x" * 47 + "-support"  # 55
+    b = a + "-" + "y" * 11  # 67
+    for long_name in (a, b):
+        with pytest.raises(names.NameTooLongError, match=r"at most 52"):
+            names.trainer_name(long_name)
+    longest = "z" * api.MAX_NAME_LENGTH
+    assert names.trainer_name(longest) == longest + "-trainer"
+    assert names.job_name(longest, MAX_ATTEMPT) == longest + f"-a{MAX_ATTEMPT}"
 
 
 def test_labels_and_owner_reference() -> None:

@@ -15,7 +15,9 @@ from lora_operator import api
 from lora_operator.build import names
 from lora_operator.reconcile import controller as ctl_mod
 from lora_operator.reconcile import planning
-from lora_operator.reconcile.controller import Controller, DictView
+from lora_operator.reconcile.controller import VERIFIED_ANNOTATION, Controller, DictView
+from lora_operator.reconcile.kube import ChildRejectedError, NameConflictError, controller_uid
+from lora_operator.reconcile.manifest import CREDENTIAL_ENV
 from lora_operator.reconcile.status import Event
 from lora_operator.settings import load_settings
 
@@ -41,18 +43,38 @@ class FakeKube:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.calls: list[tuple[str, str]] = []
         self.conflicts = 0  # fail this many status patches with 409
+        self.rejected: dict[tuple[str, str], str] = {}  # creates the server refuses
         self.rv = 1
 
-    def create(self, body: dict[str, Any]) -> dict[str, Any] | None:
+    def create(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         key = (body["kind"], body["metadata"]["name"])
         self.calls.append(("create", f"{key[0]}/{key[1]}"))
+        if key in self.rejected:
+            raise ChildRejectedError(key[0], key[1], 403, self.rejected[key])
         if key in self.objects:
-            return None
+            existing = self.objects[key]
+            if controller_uid(existing) != controller_uid(body):
+                raise NameConflictError(key[0], "ml", key[1], "someone else's")
+            return copy.deepcopy(existing), False
         self.objects[key] = copy.deepcopy(body)
-        return copy.deepcopy(body)
+        return copy.deepcopy(body), True
+
+    def delete_job(self, namespace: str, name: str, uid: str) -> bool:
+        self.calls.append(("delete-job", name))
+        return self.objects.pop(("Job", name), None) is not None
+
+    def set_job_annotation(self, namespace: str, name: str, key: str,
+                           value: str) -> dict[str, Any]:
+        self.calls.append(("annotate", f"{name}:{key}"))
+        job = self.objects[("Job", name)]
+        job["metadata"].setdefault("annotations", {})[key] = value
+        return copy.deepcopy(job)
 
     def replace_config_map_data(self, body: dict[str, Any]) -> None:
         self.calls.append(("configmap", body["metadata"]["name"]))
+        existing = self.objects.get(("ConfigMap", body["metadata"]["name"]))
+        if existing is not None and controller_uid(existing) != controller_uid(body):
+            raise NameConflictError("ConfigMap", "ml", body["metadata"]["name"], "foreign")
         self.objects[("ConfigMap", body["metadata"]["name"])] = copy.deepcopy(body)
 
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -95,7 +117,8 @@ def new_lorajob(**meta: Any) -> dict[str, Any]:
                          "resourceVersion": "1", "creationTimestamp": "2025-01-01T00:00:00Z",
                          **meta},
             "spec": {"baseModel": {"uri": "hf://org/model"},
-                     "dataset": {"uri": "s3://data/train.jsonl"},
+                     # The dataset preflight stage has tests of its own.
+                     "dataset": {"uri": "s3://data/train.jsonl", "preflight": {"enabled": False}},
                      "output": {"uri": "s3://out/bot/"}, "method": "auto"}}
 
 
@@ -232,7 +255,7 @@ def test_conflict_rereads_and_retries() -> None:
 def test_expired_ttl_deletes(monkeypatch: pytest.MonkeyPatch) -> None:
     lj = new_lorajob()
     lj["spec"]["runPolicy"] = {"ttlSecondsAfterFinished": 0}
-    lj["status"] = {"phase": "Succeeded", "completionTime": api.now_rfc3339()}
+    lj["status"] = {"phase": "Failed", "completionTime": api.now_rfc3339()}
     ctl, kube, _, _ = make(lj)
 
     async def go() -> None:
@@ -273,3 +296,128 @@ def test_own_writes_bridge_the_watch_only_until_it_catches_up() -> None:
     assert ctl._lorajob(KEY) is view.lorajobs[KEY]
     assert ctl._job(KEY, 1) is view.job_map[KEY]["bot-a1"]
     assert KEY not in ctl._written and not ctl._jobs_written
+
+
+# ------------------------------------------------------------------ issue 13 (items 2-6)
+
+
+def running(ctl: Controller, kube: FakeKube, view: DictView) -> dict[str, Any]:
+    """Reconcile a new job to its first Job and feed that Job back through the watch."""
+    reconcile(ctl)
+    view.job_map[KEY] = copy.deepcopy(kube.jobs())
+    view.lorajobs[KEY] = copy.deepcopy(kube.lorajob)
+    return kube.jobs()["bot-a1"]
+
+
+def test_failed_for_any_reason_deletes_the_running_job() -> None:
+    """Item 4: a job that turns Failed (here: settings no longer allow its file:// dataset)
+    has its unfinished Job deleted; re-running the reconcile on a Failed job does it too."""
+    lj = new_lorajob()
+    lj["spec"]["dataset"]["uri"] = "file:///data/train.jsonl"
+    allowed = SETTINGS.model_copy(update={"allow_local_uris": True})
+    kube = FakeKube(lj)
+    view = DictView()
+    view.lorajobs[KEY] = lj
+    running(Controller(allowed, kube, view=view), kube, view)
+    assert "bot-a1" in kube.jobs()
+    reconcile(Controller(SETTINGS, kube, view=view))  # restarted with stricter settings
+    assert kube.lorajob["status"]["phase"] == "Failed"
+    assert ("delete-job", "bot-a1") in kube.calls and kube.jobs() == {}
+
+
+def test_finished_job_is_not_deleted_when_the_lorajob_fails() -> None:
+    ctl, kube, view, _ = make(new_lorajob())
+    job = running(ctl, kube, view)
+    job["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "X"}]}
+    view.job_map[KEY] = {"bot-a1": job}
+    view.lorajobs[KEY]["status"]["phase"] = "Failed"
+    reconcile(ctl)
+    assert not [c for c in kube.calls if c[0] == "delete-job"]  # its pod's logs stay
+
+
+def test_foreign_object_with_a_child_name_is_not_adopted() -> None:
+    """Item 3: a ConfigMap of the same name that this LoRAJob does not control → Failed
+    NameConflict naming it; the foreign object is not modified and no Job is made."""
+    ctl, kube, _, _ = make(new_lorajob())
+    foreign = {"kind": "ConfigMap", "metadata": {"name": "bot-trainer", "namespace": "ml"},
+               "data": {"mine": "yes"}}
+    kube.objects[("ConfigMap", "bot-trainer")] = copy.deepcopy(foreign)
+    reconcile(ctl)
+    st = kube.lorajob["status"]
+    assert st["phase"] == "Failed" and st["conditions"][-1]["reason"] == "NameConflict"
+    assert "ConfigMap ml/bot-trainer" in st["message"]
+    assert kube.objects[("ConfigMap", "bot-trainer")] == foreign
+    assert kube.jobs() == {}
+
+
+def test_rejected_child_fails_with_the_servers_message() -> None:
+    """Item 5: a create refused for good (quota, webhook, invalid) ends the job."""
+    ctl, kube, _, events = make(new_lorajob())
+    kube.rejected[("Job", "bot-a1")] = 'jobs.batch "bot-a1" is forbidden: exceeded quota'
+    reconcile(ctl)
+    st = kube.lorajob["status"]
+    assert st["phase"] == "Failed" and "exceeded quota" in st["message"]
+    assert [e.reason for e in events][-1] == "ChildRejected"
+
+
+def test_errors_back_off_exponentially_and_reset_on_success() -> None:
+    """Item 5: a reconcile that raises is retried after 1, 2, 4 ... s, not every 15 s."""
+    ctl, kube, _, _ = make(new_lorajob())
+    delays: list[float] = []
+    ctl.requeue = lambda key, delay: delays.append(delay)  # type: ignore[method-assign]
+    kube.patch_status = lambda *a, **k: (_ for _ in ()).throw(  # type: ignore[method-assign]
+        RuntimeError("API server down"))
+    for _ in range(4):
+        reconcile(ctl)
+    assert delays == [1.0, 2.0, 4.0, 8.0]
+    del kube.patch_status
+    reconcile(ctl)
+    assert ctl._errors.failures(KEY) == 0
+
+
+def test_status_written_by_the_trainer_decides_nothing() -> None:
+    """Item 6: the trainer's token may patch any status field. A forged Succeeded (not
+    recorded on the Job by the operator) is derived again; forged attempts and placement
+    neither make a new Job nor change the one the operator builds."""
+    ctl, kube, view, _ = make(new_lorajob())
+    running(ctl, kube, view)
+    forged = copy.deepcopy(kube.lorajob)
+    forged["status"].update({"phase": "Succeeded", "attempts": 3,
+                             "result": {"adapterUri": "s3://elsewhere/"},
+                             "placement": {**forged["status"]["placement"],
+                                           "vramClass": "h200-141gb", "gpus": 8}})
+    kube.lorajob = copy.deepcopy(forged)
+    view.lorajobs[KEY] = forged
+    reconcile(ctl)
+    assert kube.lorajob["status"]["phase"] != "Succeeded"
+    assert kube.lorajob["status"]["attempts"] == 1
+    assert sorted(kube.jobs()) == ["bot-a1"]
+    # A restarted operator (nothing in memory) re-plans instead of reading the forgery.
+    del kube.objects[("Job", "bot-a1")]
+    view.job_map[KEY] = {}
+    view.lorajobs[KEY] = copy.deepcopy(kube.lorajob)
+    reconcile(Controller(SETTINGS, kube, view=view))
+    job = kube.jobs()["bot-a1"]
+    assert job["metadata"]["labels"][names.VRAM_CLASS_LABEL] == "l4-24gb"
+
+
+def test_success_is_recorded_on_the_job_and_then_final(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in CREDENTIAL_ENV:  # the operator has no S3 credentials: the chart's default
+        monkeypatch.delenv(name, raising=False)
+    ctl, kube, view, _ = make(new_lorajob())
+    job = running(ctl, kube, view)
+    job["status"] = {"completionTime": api.now_rfc3339(),
+                     "conditions": [{"type": "Complete", "status": "True"}]}
+    view.job_map[KEY] = {"bot-a1": job}
+    result = ('{"exitCode": 0, "reason": "Completed", "adapterUri": "s3://out/bot/", '
+              '"manifestUri": "s3://out/bot/manifest.json", "manifestSha256": "' + "a" * 64 + '"}')
+    view.pod_map[KEY] = {"p": {
+        "metadata": {"name": "p", "labels": {names.ATTEMPT_LABEL: "1"}},
+        "spec": {"nodeName": "n"},
+        "status": {"phase": "Succeeded", "containerStatuses": [
+            {"name": "trainer", "state": {"terminated": {"exitCode": 0, "message": result}}}]}}}
+    reconcile(ctl)  # no operator credentials in a unit test: the trainer's report is used
+    assert kube.lorajob["status"]["phase"] == "Succeeded"
+    assert ("annotate", f"bot-a1:{VERIFIED_ANNOTATION}") in kube.calls
+    assert kube.calls.index(("annotate", f"bot-a1:{VERIFIED_ANNOTATION}")) < \
+        kube.calls.index(("status", "Succeeded"))
