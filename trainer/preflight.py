@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import unicodedata
@@ -35,6 +36,7 @@ from lora_trainer import data, job, storage
 from lora_trainer.errors import TrainerError
 from lora_trainer.model import load_tokenizer, resolve_source
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 # What AutoTokenizer reads from a model folder: tokenizer and vocabulary files, the chat
 # template, and config.json (it names the tokenizer class when tokenizer_config.json does not).
@@ -216,9 +218,13 @@ def fetch_tokenizer(spec: api.LoRAJobSpec, workdir: Path, model_uri: str | None 
     model = spec.base_model
     opts = job.storage_options(spec, model.endpoint,
                                MODEL_CREDENTIALS_PREFIX if model.credentials_secret else "")
-    local = storage.download(model_uri or model.uri, workdir / "model", opts,
-                             missing=ExitCode.MODEL, revision=model.revision,
-                             include=tokenizer_files(model.gguf_file))
+    uri = model_uri or model.uri
+    local = storage.download(uri, workdir / "model", opts, missing=ExitCode.MODEL,
+                             revision=model.revision, include=tokenizer_files(model.gguf_file))
+    if not storage.is_local(uri):
+        fetched = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()) \
+            if local.is_dir() else [local.name]
+        log.info("tokenizer files fetched from %s: %s", uri, ", ".join(fetched))
     return load_tokenizer(resolve_source(local, model.gguf_file, model.trust_remote_code))
 
 

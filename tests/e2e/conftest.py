@@ -207,8 +207,9 @@ def write_job(job: dict[str, Any], tmp_path: Path) -> Path:
 
 
 def trainer_pods(ci: Any, ns: str, name: str) -> list[dict[str, Any]]:
-    """The LoRAJob's trainer pods, oldest first."""
-    pods = kubectl_json(ci, "-n", ns, "get", "pods", "-l", f"lorajob.dev/job-name={name}")
+    """The LoRAJob's trainer pods, oldest first (the preflight pod has no attempt label)."""
+    pods = kubectl_json(ci, "-n", ns, "get", "pods", "-l",
+                        f"lorajob.dev/job-name={name},lorajob.dev/attempt")
     return sorted((pods or {}).get("items", []), key=lambda p: p["metadata"]["creationTimestamp"])
 
 

@@ -60,6 +60,9 @@ trainerCommand:
 {{ toYaml $c.trainerCommand }}
 trainerCpu: {{ $c.trainerCpu | quote }}
 trainerMemory: {{ $c.trainerMemory | quote }}
+preflightCpu: {{ $c.preflightCpu | quote }}
+preflightMemory: {{ $c.preflightMemory | quote }}
+preflightDeadlineSeconds: {{ $c.preflightDeadlineSeconds }}
 trainerEphemeralStorage: {{ $c.trainerEphemeralStorage | quote }}
 trainerShmSize: {{ $c.trainerShmSize | quote }}
 {{- with $c.s3Endpoint }}
