@@ -81,6 +81,11 @@ RETRY_SECONDS = 15.0  # the sweep controller's fixed retry; LoRAJobs use `Backof
 VERIFIED_ANNOTATION = f"{api.GROUP}/verified-at"
 
 
+class RetryLater(Exception):  # noqa: N818 (not an error: a wait)
+    """Something the reconcile needs may come by itself (the estimator, a model's
+    config.json): try again after the key's backoff, without a traceback."""
+
+
 def _finished(obj: Obj | None) -> bool:
     """Whether a Job has run to its end (Complete or Failed): its pods hold no GPU."""
     return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
@@ -284,6 +289,10 @@ class Controller:
                 for _ in range(5):  # a conflict means someone wrote first: derive again
                     if not await self._reconcile_once(key):
                         break
+            except RetryLater as exc:
+                delay = self._errors.next(key)
+                log.warning("%s/%s: %s; retrying in %.0fs", *key, exc, delay)
+                self.requeue(key, delay)
             except Exception as exc:
                 metrics.RECONCILE_ERRORS.labels(error=type(exc).__name__).inc()
                 delay = self._errors.next(key)
@@ -315,11 +324,12 @@ class Controller:
         attempt = max(owned, default=1)
         if status.get("phase") == api.Phase.SUCCEEDED.value:
             done = self._verified_at(owned.get(attempt))
-            if done:
+            if done or attempt not in owned:
+                # Recorded by the operator, or no Job (so no trainer token) left to forge it.
                 self.schedule_ttl(key, body, done)
                 return False
-            # A Succeeded the operator did not record (the trainer's token wrote it):
-            # derived again below, which overwrites it.
+            # A Succeeded the operator did not record while a Job exists (the trainer's
+            # token can write it): derived again below, which overwrites a forgery.
 
         try:
             spec = api.parse_spec(dict(body.get("spec") or {}))
@@ -459,10 +469,7 @@ class Controller:
         outcome = await self._io(self._planner(attempt), spec, self.settings, attempt - 1)
         if outcome.placement is None:
             if outcome.retryable:
-                delay = self._errors.next(key)
-                log.warning("planning %s/%s: %s; retrying in %.0fs", *key, outcome.message, delay)
-                self.requeue(key, delay)
-                return False
+                raise RetryLater(f"planning: {outcome.message}")
             return await self._fail(key, body, outcome.reason, outcome.message, planning=True)
         self._remember(key, body, attempt, outcome.placement)
         patch = planned_patch(body, outcome.placement, attempts=attempt)
@@ -497,8 +504,7 @@ class Controller:
         outcome = await self._io(self._planner(attempt), spec, self.settings, attempt - 1)
         if outcome.placement is None:
             if outcome.retryable:
-                self.requeue(key, self._errors.next(key))
-                return None
+                raise RetryLater(f"planning attempt {attempt}: {outcome.message}")
             await self._fail(key, body, outcome.reason, outcome.message)
             return None
         self._remember(key, body, attempt, outcome.placement)
@@ -508,8 +514,7 @@ class Controller:
         outcome = await self._io(planning.escalate, spec, self.settings, attempt)
         if outcome.placement is None:
             if outcome.retryable:
-                self.requeue(key, self._errors.next(key))
-                return False
+                raise RetryLater(f"re-planning after out-of-memory: {outcome.message}")
             return await self._fail(key, body, "OutOfMemory", outcome.message)
         old = (body.get("status") or {}).get("placement") or {}
         msg = (f"attempt {attempt} ran out of GPU memory on {old.get('vramClass')} "

@@ -255,7 +255,7 @@ def test_conflict_rereads_and_retries() -> None:
 def test_expired_ttl_deletes(monkeypatch: pytest.MonkeyPatch) -> None:
     lj = new_lorajob()
     lj["spec"]["runPolicy"] = {"ttlSecondsAfterFinished": 0}
-    lj["status"] = {"phase": "Failed", "completionTime": api.now_rfc3339()}
+    lj["status"] = {"phase": "Succeeded", "completionTime": api.now_rfc3339()}
     ctl, kube, _, _ = make(lj)
 
     async def go() -> None:
