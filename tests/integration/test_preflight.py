@@ -62,6 +62,9 @@ def s3(local_cluster: Any) -> Any:
 def ns(kube: Kube, local_cluster: Any, tmp_path_factory: pytest.TempPathFactory
        ) -> Iterator[str]:
     name = kube.create_namespace("pf")
+    # Pod Security "restricted" is enforced: the preflight pod must be admitted under it.
+    kube.run("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted",
+             "pod-security.kubernetes.io/enforce-version=latest")
     op = kwokjobs.start_operator(local_cluster, [name], tmp_path_factory.mktemp("op"), INSTANCE)
     try:
         yield name

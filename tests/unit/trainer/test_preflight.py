@@ -235,3 +235,15 @@ def test_pod_form_reads_the_rendered_config_and_writes_the_termination_message(
     assert report.splits is not None and report.splits.train is not None
     assert report.splits.train.rows == 4
     assert '"event": "preflight"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_smollm2_example_with_the_tokenizer_from_its_gguf(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's example: examples/local-smollm2.yaml, the tokenizer read from the GGUF."""
+    manifest = EXAMPLES.parent / "local-smollm2.yaml"
+    assert cli.main(["preflight", "--job", str(manifest), "-o", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verdict"] == "Passed" and report["format"] == "chat"
+    assert report["splits"]["train"] == {"rows": 320, "refused": 0, "duplicates": 0,
+                                         "tokenLength": {"p50": 67, "p95": 71, "max": 75},
+                                         "truncatedPercent": 0.0}
