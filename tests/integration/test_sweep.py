@@ -11,6 +11,7 @@ trainer: it patches each trial's status.progress as a real trainer would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import uuid
@@ -78,7 +79,8 @@ def _trial_success(s3k: Any, ns: str, sweep: str, number: int, loss: float) -> d
     prefix = f"sweeps/{ns}/{sweep}/{trial}/"
     s3k.put_object(Bucket=BUCKET, Key=prefix + "manifest.json", Body=b'{"files": {}}')
     result = {"exitCode": 0, "reason": "Completed", "adapterUri": f"s3://{BUCKET}/{prefix}",
-              "manifestUri": f"s3://{BUCKET}/{prefix}manifest.json", "manifestSha256": "ab" * 32,
+              "manifestUri": f"s3://{BUCKET}/{prefix}manifest.json",
+              "manifestSha256": hashlib.sha256(b'{"files": {}}').hexdigest(),  # checked
               "sizeBytes": 4096, "baseEvalLoss": 2.0, "adapterEvalLoss": loss,
               "improvement": round(1 - loss / 2.0, 4)}
     return {f"kwok.lorajob.dev/t{number}.termination-message": json.dumps(result),
