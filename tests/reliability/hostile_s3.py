@@ -62,7 +62,8 @@ class HostileS3:
                 conn, _ = self._srv.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                             name="hostile-s3-conn").start()
 
     def _serve(self, conn: socket.socket) -> None:
         head = b""

@@ -60,7 +60,8 @@ def test_defaults_match_the_design() -> None:
     assert s.training.max_seq_length == 2048 and s.training.packing is True
     assert s.dataset.validation.fraction == 0.05
     assert s.resources.gpus == "auto" and s.resources.deepspeed == "auto"
-    assert s.output.region == "us-east-1" and s.output.overwrite is False
+    # No region in the spec: the operator's s3Region applies (issue 13; it used to be shadowed).
+    assert s.output.region is None and s.output.overwrite is False
     assert s.run_policy.backoff_limit == 2 and s.run_policy.suspend is False
     assert s.run_policy.ttl_seconds_after_finished == 604800
 
