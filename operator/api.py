@@ -725,7 +725,7 @@ ROOT_RULES = [
     cel(f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
         f"metadata.name must be at most {MAX_NAME_LENGTH} characters, so that the names of the "
         "objects made for the job (<name>-trainer, <name>-a<attempt>) fit Kubernetes' 63 "
-        "without shortening", reason="FieldValueTooLong"),
+        "without shortening", reason="FieldValueInvalid"),
 ]
 # The CEL rules keyed by the model they attach to; the CRD generator reads this.
 MODEL_RULES: dict[type[BaseModel], list[dict[str, Any]]] = {
