@@ -189,6 +189,16 @@ def read_object(uri: str, *, endpoint: str | None, region: str, settings: Settin
         body.close()
 
 
+def _set_read_timeout(raw: Any, seconds: float) -> None:
+    """The socket timeout of the response's connection (the path botocore's own
+    `set_socket_timeout` uses); nothing to do once the body was read to its end and
+    http.client let the socket go."""
+    fp = getattr(getattr(raw, "_fp", None), "fp", None)
+    sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
 def _stream(uri: str, body: Any, deadline: float, max_bytes: int, timeout: float) -> bytes:
     """Read `body` until EOF, the cap or the deadline; every socket read is bounded by the
     time left (`read1`: one read of the socket, never a loop that a trickling server keeps
@@ -200,7 +210,7 @@ def _stream(uri: str, body: Any, deadline: float, max_bytes: int, timeout: float
         left = deadline - time.monotonic()
         if left <= 0:
             raise Unavailable(f"could not read {uri} within {timeout:g} s")
-        body.set_socket_timeout(max(0.01, left))
+        _set_read_timeout(raw, max(0.01, left))
         try:
             chunk = read(_CHUNK)
         except Exception as exc:  # a socket timeout or reset: storage failed

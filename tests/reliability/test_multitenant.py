@@ -134,7 +134,7 @@ def test_operator_sends_no_credentials_to_a_jobs_endpoint(
             assert served.done.wait(30)
             assert served.authorization == "", "the operator signed for a job's endpoint"
             assert served.sent < 8 * CAP, served.sent
-        assert op.alive()
+        assert op.alive
     finally:
         op.stop()
         flood.stop()
@@ -334,7 +334,7 @@ def test_presigned_url_secrets_never_reach_status_or_events(
         st = kube.wait_phase(ns, "leaky", "Failed", timeout=120)
         assert "X-Amz-Signature=<redacted>" in st["message"], st["message"]
         events = kube.run("get", "events", "-n", ns, "-o", "json")
-        for text in (json.dumps(kube.get("lorajob", "leaky", ns)), events):
+        for text in (json.dumps(kube.status(ns, "leaky")), events):
             assert "plantedsignature" not in text and "AKIAPLANTEDKEY" not in text
     finally:
         op.stop()
