@@ -106,6 +106,10 @@ kopf needs, nothing more:
   on.event + indexes only (no finalizer, no annotations), so no patch/update.
 - lorajobs/status: patch (the controller's status); get+patch is also what lets the
   operator create each job's Role, which grants exactly that (RBAC escalation check).
+- lorajobs: create (a LoRASweep's trials, by name; 409 adopts only a trial this sweep
+  controls); delete also stops an early-stopped trial. lorasweeps: list/watch (kopf), get
+  (fresh read after a refused status patch); lorasweeps/status: patch. No patch/update of
+  a LoRASweep itself and no finalizer (trials are owned: the garbage collector removes them).
 - jobs: list/watch (kopf), create, get (adopt on 409), patch (runPolicy.suspend, and the
   operator's record of a verified success), delete (a Failed LoRAJob's unfinished Job, so
   no GPU keeps burning).
