@@ -392,7 +392,7 @@ ROOT_RULES = [
     cel(f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
         f"metadata.name must be at most {MAX_NAME_LENGTH} characters, so that every trial's "
         f"LoRAJob (<name>-t<N>) fits the LoRAJob name limit of {LORAJOB_MAX_NAME_LENGTH}",
-        reason="FieldValueTooLong"),
+        reason="FieldValueInvalid"),
 ]
 MODEL_RULES: dict[type[BaseModel], list[dict[str, Any]]] = {
     RankRange: RANGE_RULES,
