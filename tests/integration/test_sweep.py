@@ -171,47 +171,47 @@ def _progress(kube: Kube, ns: str, name: str, step: int, eval_loss: float) -> No
                                                  "evalLoss": eval_loss}}}))
 
 
-def test_median_rule_stops_the_losing_trial_and_frees_its_pod(
+def test_median_rule_stops_the_losing_trial_and_frees_its_slot(
         local_cluster: Any, kube: Kube, s3k: Any, ns: str, tmp_path: Path) -> None:
-    """Three running trials report validation loss at step 10: 1.0, 1.1, then 3.0. The third
-    is worse than the median of the other two (1.05): the sweep records it EarlyStopped with
-    its step and loss, deletes its LoRAJob (its pod goes with it) and leaves the others
-    running."""
-    doc = _sweep("med", ns, {"kwok.lorajob.dev/keep-running": "true"}, parallelism=3,
+    """Three trials, two at a time (the cluster's two kwok GPU nodes), pods that keep running.
+    t1 reports validation loss 1.0 at step 10, then t2 3.0 at step 10: worse than the median
+    of the other trial at that step (minTrials 1), so the sweep records t2 EarlyStopped with
+    its step and loss, deletes its LoRAJob (its pod goes with it), and starts t3 in the slot."""
+    doc = _sweep("med", ns, {"kwok.lorajob.dev/keep-running": "true"}, parallelism=2,
                  searchSpace={"training": {"learningRate": {"values": [1e-4, 2e-4, 5e-4]}}},
-                 earlyStopping={"rule": "median", "minTrials": 2, "startStep": 5})
+                 earlyStopping={"rule": "median", "minTrials": 1, "startStep": 5})
     op = start_operator(local_cluster, [ns], tmp_path, INSTANCE)
     try:
         kube.apply(doc)
 
-        def all_running() -> bool:
-            phases = [(j.get("status") or {}).get("phase") for j in _trials(kube, ns, "med")]
-            pods = [p for p in kube.list("pods", ns)
-                    if (p.get("status") or {}).get("phase") == "Running"]
-            return phases == ["Running"] * 3 and len(pods) == 3
+        def running(*names: str) -> bool:
+            phases = {j["metadata"]["name"]: (j.get("status") or {}).get("phase")
+                      for j in _trials(kube, ns, "med")}
+            return all(phases.get(n) == "Running" for n in names)
 
-        kube.wait_for("three running trials", all_running, timeout=180)
+        kube.wait_for("t1 and t2 running", lambda: running("med-t1", "med-t2"), timeout=180)
+        assert kube.get("lorajob", "med-t3", ns) is None, "parallelism 2 exceeded"
         _progress(kube, ns, "med-t1", 10, 1.0)
-        _progress(kube, ns, "med-t2", 10, 1.1)
-        kube.wait_for("the sweep to record t1 and t2 at step 10", lambda: all(
-            t.get("history") for t in _sweep_status(kube, ns, "med").get("trials", [])[:2]),
-            timeout=60)
-        _progress(kube, ns, "med-t3", 10, 3.0)
+        kube.wait_for("the sweep to record t1 at step 10", lambda: (
+            _sweep_status(kube, ns, "med").get("trials") or [{}])[0].get("history"), timeout=60)
+        _progress(kube, ns, "med-t2", 10, 3.0)
 
         def stopped() -> dict[str, Any] | None:
             trials = _sweep_status(kube, ns, "med").get("trials") or []
             return next((t for t in trials if t.get("phase") == "EarlyStopped"), None)
 
-        t3 = kube.wait_for("a trial stopped early", stopped, timeout=60)
-        assert (t3["name"], t3["step"], t3["evalLoss"]) == ("med-t3", 10, 3.0)
-        assert "median 1.05 of 2 other trials" in t3["message"]
-        kube.wait_for("med-t3's LoRAJob and pod to be gone", lambda: (
-            kube.get("lorajob", "med-t3", ns) is None
-            and not kube.list("pods", ns, "lorajob.dev/job-name=med-t3")), timeout=120)
+        t2 = kube.wait_for("a trial stopped early", stopped, timeout=60)
+        assert (t2["name"], t2["step"], t2["evalLoss"]) == ("med-t2", 10, 3.0)
+        assert "median 1 of 1 other trials" in t2["message"], t2["message"]
+        kube.wait_for("med-t2's LoRAJob and pods to be gone", lambda: (
+            kube.get("lorajob", "med-t2", ns) is None
+            and not kube.list("pods", ns, "lorajob.dev/job-name=med-t2")), timeout=120)
+        kube.wait_for("t3 running in the freed slot", lambda: running("med-t1", "med-t3"),
+                      timeout=180)
         st = _sweep_status(kube, ns, "med")
         assert st["phase"] == "Running" and st["trialsEarlyStopped"] == 1
-        assert [t["phase"] for t in st["trials"]] == ["Running", "Running", "EarlyStopped"]
-        assert sorted(j["metadata"]["name"] for j in _trials(kube, ns, "med")) == ["med-t1", "med-t2"]
+        assert [t["phase"] for t in st["trials"]] == ["Running", "EarlyStopped", "Running"]
+        assert sorted(j["metadata"]["name"] for j in _trials(kube, ns, "med")) == ["med-t1", "med-t3"]
         events = kube.run("get", "events", "-n", ns, "--field-selector",
                           "involvedObject.kind=LoRASweep,reason=TrialEarlyStopped", "-o", "name")
         assert events.strip(), "no TrialEarlyStopped event on the sweep"
