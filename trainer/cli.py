@@ -41,8 +41,8 @@ from lora_operator.contract import (
     TrainerResult,
     checkpoint_uri_for,
 )
-from lora_trainer import deepspeed_config, progress
-from lora_trainer.errors import TrainerError, is_cuda_oom
+from lora_trainer import deepspeed_config, launch, progress
+from lora_trainer.errors import TrainerError, classify
 
 log = logging.getLogger("lora_trainer")
 
@@ -153,13 +153,9 @@ def execute(config: TrainerConfig, device: str, base_model_uri: str | None = Non
         run_job(config, ctx, result)
     except TrainerError as exc:
         code, message = exc.code, exc.message
-    except MemoryError:
-        code, message = ExitCode.OUT_OF_MEMORY, "host out of memory"
-    except Exception as exc:
-        if is_cuda_oom(exc):
-            code, message = ExitCode.OUT_OF_MEMORY, f"CUDA out of memory: {str(exc)[:300]}"
-        else:
-            code, message = ExitCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # MemoryError and RecursionError included: see classify
+        code, message = classify(exc)
+        if code == ExitCode.INTERNAL and not isinstance(exc, MemoryError | RecursionError):
             traceback.print_exc()
     finally:
         import shutil
@@ -193,11 +189,22 @@ def cmd_pod(args: argparse.Namespace) -> int:
         return finish(exc.code, TrainerResult(exit_code=int(exc.code), reason=exc.code.reason,
                                               message=exc.message))
     if deepspeed_config.needs_launch(config.placement.gpus):
-        command = deepspeed_config.launch_command(int(config.placement.gpus or 1), ["pod"])
-        log.info("re-executing under torchrun on %s GPUs", config.placement.gpus)
-        os.execv(command[0], command)  # noqa: S606
+        return launch_ranks(int(config.placement.gpus or 1))
     code, result = execute(config, detect_device(args.device))
+    launch.record(code, result)
     return finish(code, result) if deepspeed_config.is_main_process() else int(code)
+
+
+def launch_ranks(gpus: int) -> int:
+    """Multi-GPU: torchrun as a child; exit with the ranks' recorded verdict (launch.py)."""
+    command = deepspeed_config.launch_command(gpus, ["pod"])
+    log.info("running torchrun on %s GPUs", gpus)
+    code, result = launch.run_distributed(command)
+    if result is not None:
+        write_result(result)
+    if code != ExitCode.OK:
+        log.error("trainer ranks failed: exit %d", code)
+    return code
 
 
 def cmd_run(args: argparse.Namespace) -> int:

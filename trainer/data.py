@@ -127,6 +127,8 @@ def _read_jsonl(path: Path) -> list[Row]:
                 except json.JSONDecodeError as exc:
                     raise TrainerError(ExitCode.DATA,
                                        f"{path.name}:{number}: invalid JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise _too_deep(f"{path.name}:{number}") from None
                 if not isinstance(obj, dict):
                     raise TrainerError(ExitCode.DATA,
                                        f"{path.name}:{number}: expected a JSON object per line")
@@ -136,11 +138,19 @@ def _read_jsonl(path: Path) -> list[Row]:
     return rows
 
 
+def _too_deep(where: str) -> TrainerError:
+    """JSON nested deeper than the parser's recursion limit: bad data, not a trainer crash."""
+    return TrainerError(ExitCode.DATA, f"{where}: JSON nested too deeply (a row must be an "
+                                       "object of strings, lists and objects a few levels deep)")
+
+
 def _read_json(path: Path) -> list[Row]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TrainerError(ExitCode.DATA, f"{path.name}: invalid JSON ({exc})") from None
+    except RecursionError:
+        raise _too_deep(path.name) from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):

@@ -26,6 +26,7 @@ from lora_operator.contract import (
     TrainerResult,
 )
 from lora_trainer import data, deepspeed_config, evaluate, export, progress, storage, train
+from lora_trainer.checkpoints import CheckpointStore
 from lora_trainer.errors import TrainerError
 from lora_trainer.model import load_tokenizer, resolve_source
 
@@ -45,7 +46,8 @@ class Splits:
 
 def storage_options(spec: api.LoRAJobSpec, endpoint: str | None,
                     credentials_prefix: str = "") -> storage.StorageOptions:
-    return storage.StorageOptions(endpoint=endpoint or spec.output.endpoint, region=spec.output.region,
+    region = spec.output.region or os.environ.get("AWS_REGION") or "us-east-1"
+    return storage.StorageOptions(endpoint=endpoint or spec.output.endpoint, region=region,
                                   credentials_prefix=credentials_prefix)
 
 
@@ -114,6 +116,8 @@ def run_job(config: TrainerConfig, ctx: RunContext, result: TrainerResult) -> Tr
     spec, job = config.spec, config.job
     out_opts = storage_options(spec, None)
     main = deepspeed_config.is_main_process()
+    export.check_output_allowed(spec.output.uri, config.checkpoint_uri,
+                                config.allowed_output_prefixes)
     export.check_output_conflict(spec.output.uri, job, spec.output.overwrite, out_opts)
 
     model_uri = ctx.base_model_uri or spec.base_model.uri
@@ -134,13 +138,14 @@ def run_job(config: TrainerConfig, ctx: RunContext, result: TrainerResult) -> Tr
                               int(os.environ.get("LOCAL_RANK", "0")))
 
     run_dir = ctx.workdir / "run"
-    resume = train.latest_checkpoint(config.checkpoint_uri, ctx.workdir / "resume", out_opts)
+    checkpoints = CheckpointStore.for_attempt(config.checkpoint_uri, job, out_opts)
+    resume = checkpoints.latest(ctx.workdir / "resume")
     if resume is not None:
         progress.emit("resume", checkpoint=str(resume.name))
     reporter = progress.ProgressReporter.create(job, config.report_progress,
                                                 config.progress_interval_seconds)
     trainer = _trainer(spec, config, ctx, precision, model, tokenizer, splits, steps, reporter,
-                       out_opts, main, run_dir)
+                       checkpoints, main, run_dir)
     started = time.monotonic()
     ctx.preemption.training = True
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -177,14 +182,14 @@ def run_job(config: TrainerConfig, ctx: RunContext, result: TrainerResult) -> Tr
     result.adapter_uri, result.manifest_uri = done.adapter_uri, done.manifest_uri
     result.manifest_sha256, result.size_bytes, result.merged_uri = \
         done.manifest_sha256, done.size_bytes, done.merged_uri
-    storage.delete_prefix(config.checkpoint_uri, out_opts)
+    checkpoints.cleanup()
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
 
 def _trainer(spec: api.LoRAJobSpec, config: TrainerConfig, ctx: RunContext,
              precision: train.Precision, model: Any, tokenizer: Any, splits: Splits, steps: int,
-             reporter: progress.ProgressReporter, opts: storage.StorageOptions, main: bool,
+             reporter: progress.ProgressReporter, checkpoints: CheckpointStore, main: bool,
              run_dir: Path) -> Any:
     from transformers import EarlyStoppingCallback, PrinterCallback
 
@@ -196,8 +201,7 @@ def _trainer(spec: api.LoRAJobSpec, config: TrainerConfig, ctx: RunContext,
                              pad_to_multiple_of=train.acceleration_of(model).pad_multiple)
     args = train.training_arguments(spec, config.placement, precision, run_dir, steps, ctx.device,
                                     has_eval=bool(eval_rows))
-    callbacks = train.make_callbacks(reporter, counter, config.checkpoint_uri, opts,
-                                     ctx.preemption, main)
+    callbacks = train.make_callbacks(reporter, counter, checkpoints, ctx.preemption, main)
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     trainer = train.make_trainer(model, args=args, train_dataset=data.ListDataset(train_rows),

@@ -72,11 +72,28 @@ def status_path(job: JobIdentity) -> str:
 
 @dataclass
 class InCluster:
-    """Where and how to reach the API server from a pod (service-account token + CA)."""
+    """Where and how to reach the API server from a pod (service-account token + CA).
+
+    The token is a projected ServiceAccount token: the kubelet rotates the file well before
+    the token expires, so `reload_token` reads it again when the API server answers 401.
+    """
 
     host: str
     token: str
     ca_file: str | None
+    token_file: Path | None = None
+
+    def reload_token(self) -> bool:
+        """Read the token file again; True when it now holds a different token."""
+        if self.token_file is None:
+            return False
+        try:
+            fresh = self.token_file.read_text().strip()
+        except OSError:
+            return False
+        changed = bool(fresh) and fresh != self.token
+        self.token = fresh or self.token
+        return changed
 
     @classmethod
     def detect(cls, sa_dir: Path = SA_DIR) -> InCluster | None:
@@ -89,7 +106,7 @@ class InCluster:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return cls(f"https://{host}:{port}", token_file.read_text().strip(),
-                   str(ca) if ca.is_file() else None)
+                   str(ca) if ca.is_file() else None, token_file)
 
 
 class StatusPatcher:
@@ -100,6 +117,7 @@ class StatusPatcher:
         self.cluster = cluster
         self.timeout = timeout
         self.failed_once = False
+        self.unauthorized = False
         self.context = ssl.create_default_context(cafile=cluster.ca_file)
 
     def apply(self, progress: api.Progress, attempts: int = 1, backoff: float = 1.0) -> bool:
@@ -110,6 +128,10 @@ class StatusPatcher:
             retryable = self._apply_once(progress)
             if retryable is None:
                 return True
+            if self.unauthorized and self.cluster.reload_token():
+                retryable = self._apply_once(progress)  # the rotated token, at once
+                if retryable is None:
+                    return True
             if not retryable or attempt == attempts - 1:
                 return False
             time.sleep(backoff * 2 ** attempt)
@@ -122,11 +144,13 @@ class StatusPatcher:
             self.cluster.host + status_path(self.job), data=body, method="PATCH",
             headers={"Content-Type": "application/apply-patch+yaml",
                      "Authorization": f"Bearer {self.cluster.token}"})
+        self.unauthorized = False
         try:
             with urllib.request.urlopen(request, timeout=self.timeout,  # noqa: S310
                                         context=self.context):
                 return None
         except (urllib.error.URLError, OSError, ValueError) as exc:
+            self.unauthorized = isinstance(exc, urllib.error.HTTPError) and exc.code == 401
             if not self.failed_once:
                 log.warning("cannot patch LoRAJob %s/%s status (continuing without): %s",
                             self.job.namespace, self.job.name, exc)

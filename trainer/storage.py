@@ -8,7 +8,10 @@ endpoint (STORAGE, retried): that distinction is the whole point of this module.
 
 Credentials come from the environment only (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
 HF_TOKEN) and are never logged. URIs and endpoints that climb out of their prefix (`..`) or
-point at link-local / cloud-metadata addresses are refused before any request is made.
+point at link-local / cloud-metadata addresses are refused before any request is made, and
+again right before every request: https downloads connect to the very address that was
+checked (no DNS rebinding between check and connect) and every redirect is re-validated;
+every S3 request re-resolves and re-checks its endpoint's host (`before-send`).
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import concurrent.futures as futures
 import contextlib
 import fnmatch
 import hashlib
+import http.client
 import ipaddress
 import logging
 import os
 import shutil
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lora_operator.contract import S3_SECRET_KEYS, ExitCode
-from lora_trainer.errors import TrainerError
+from lora_trainer.errors import TrainerError, redact
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +156,29 @@ def check_host(host: str, where: str) -> None:
     with contextlib.suppress(OSError, UnicodeError):  # unresolvable: the request fails later
         addresses += [str(info[4][0]) for info in socket.getaddrinfo(host, None)]
     if any(_forbidden_ip(a) for a in addresses):
-        raise TrainerError(ExitCode.CONFIG, f"refusing {where!r}: link-local / metadata "
-                                            "addresses (169.254.0.0/16, fd00:ec2::254) are not allowed")
+        raise _refused(where)
+
+
+def _refused(where: str) -> TrainerError:
+    return TrainerError(ExitCode.CONFIG, f"refusing {where!r}: link-local / metadata "
+                                         "addresses (169.254.0.0/16, fd00:ec2::254) are not allowed")
+
+
+def checked_address(host: str, port: int, where: str) -> str:
+    """Resolve `host` now, refuse it if any address is forbidden, and return the address to
+    connect to: the caller connects to exactly what was checked, so a DNS answer that
+    changes between check and connect (rebinding) cannot reach a metadata service."""
+    if _forbidden_ip(host):
+        raise _refused(where)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise TrainerError(ExitCode.STORAGE, f"{where}: cannot resolve {host!r} "
+                                             f"({type(exc).__name__})") from None
+    addresses = [str(info[4][0]) for info in infos]
+    if not addresses or any(_forbidden_ip(a) for a in addresses):
+        raise _refused(where)
+    return addresses[0]
 
 
 def safe_relative(name: str) -> str:
@@ -189,7 +215,7 @@ def with_retries(action: Callable[[], T], opts: StorageOptions, what: str) -> T:
                 raise
             delay = opts.backoff_seconds * 2 ** (attempt - 1)
             log.warning("%s failed (attempt %d/%d), retrying in %.1fs: %s",
-                        what, attempt, opts.attempts, delay, exc.message)
+                        redact(what), attempt, opts.attempts, delay, exc.message)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -229,8 +255,19 @@ def s3_client(opts: StorageOptions) -> Any:
                     connect_timeout=10, read_timeout=120)
     key_id, secret = _credentials(opts.credentials_prefix)
     session = boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret)
-    return session.client("s3", endpoint_url=opts.resolved_endpoint(), region_name=opts.region,
-                          config=config)
+    client = session.client("s3", endpoint_url=opts.resolved_endpoint(), region_name=opts.region,
+                            config=config)
+    client.meta.events.register("before-send.s3", _recheck_request_host)
+    return client
+
+
+def _recheck_request_host(request: Any, **_: Any) -> None:
+    """botocore hook, run right before every S3 request (retries and region redirects
+    included): the host it is about to reach is resolved and checked again, so a name that
+    was fine when the client was made and now answers with a metadata address is refused."""
+    url = str(request.url)
+    host = urllib.parse.urlparse(url).hostname or ""
+    check_host(host, redact(url.split("?", 1)[0]))
 
 
 def _credentials(prefix: str) -> tuple[str | None, str | None]:
@@ -437,13 +474,53 @@ def _download_hf(loc: Location, dest: Path, missing: ExitCode, revision: str | N
     return target
 
 
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS that resolves and checks the host right before connecting, then connects to
+    the checked address (the certificate is still verified against the host name)."""
+
+    def connect(self) -> None:
+        address = checked_address(self.host, self.port, f"https://{self.host}:{self.port}")
+        sock = socket.create_connection((address, self.port), self.timeout,
+                                        getattr(self, "source_address", None))
+        context: Any = getattr(self, "_context", None) or ssl.create_default_context()
+        self.sock = context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _PinnedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_PinnedHTTPSConnection, req)
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to another https URL whose host passes the same check."""
+
+    max_redirections = 5
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        target = urllib.parse.urlparse(urllib.parse.urljoin(req.full_url, newurl))
+        if target.scheme != "https" or not target.hostname:
+            raise TrainerError(ExitCode.CONFIG, f"refusing the redirect from {req.full_url} to "
+                                                f"{target.geturl()}: only https:// is followed")
+        check_host(target.hostname, target.geturl())
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def https_opener() -> urllib.request.OpenerDirector:
+    """urllib without proxies (a proxy would connect where we did not check), with pinned
+    connections and re-validated redirects."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _PinnedHTTPSHandler(),
+                                       _CheckedRedirects())
+
+
 def _download_https(uri: str, dest: Path, opts: StorageOptions, missing: ExitCode) -> Path:
     name = Path(urllib.parse.urlparse(uri).path).name or "download"
     target = dest / name
+    opener = https_opener()
 
     def fetch() -> None:
         try:
-            with urllib.request.urlopen(uri, timeout=60) as resp, target.open("wb") as fh:  # noqa: S310
+            with opener.open(uri, timeout=60) as resp, target.open("wb") as fh:
                 shutil.copyfileobj(resp, fh, _CHUNK)
         except urllib.error.HTTPError as exc:
             code = ExitCode.AUTH if exc.code in (401, 403) else missing if exc.code == 404 \
@@ -516,3 +593,146 @@ def delete_prefix(uri: str, opts: StorageOptions) -> None:
 def _s3_delete(client: Any, bucket: str, key: str) -> None:
     _s3_call(lambda: client.delete_object(Bucket=bucket, Key=key), f"delete s3://{bucket}/{key}",
              ExitCode.STORAGE)
+
+
+# --------------------------------------------------------------------------- conditional writes
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A small object's text and the version tag a conditional write can name (S3 ETag;
+    for file:// and pvc:// the sha256 of the content)."""
+
+    text: str
+    etag: str
+
+
+def read_versioned(uri: str, opts: StorageOptions) -> Versioned | None:
+    """A small object with its version tag, or None when it does not exist."""
+    loc = parse_uri(uri)
+    if loc.scheme in ("file", "pvc"):
+        path = local_path(loc)
+        if not path.is_file():
+            return None
+        data = path.read_bytes()
+        return Versioned(data.decode(), hashlib.sha256(data).hexdigest())
+    if loc.scheme != "s3":
+        raise TrainerError(ExitCode.CONFIG, f"cannot read {uri}: use s3://, pvc:// or file://")
+    client = s3_client(opts)
+
+    def get() -> Versioned | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            resp = client.get_object(Bucket=loc.root, Key=loc.path)
+            return Versioned(bytes(resp["Body"].read()).decode(), str(resp["ETag"]))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise s3_error(exc, f"read {uri}", ExitCode.STORAGE) from None
+        except (BotoCoreError, OSError) as exc:
+            raise s3_error(exc, f"read {uri}", ExitCode.STORAGE) from None
+
+    return with_retries(get, opts, f"read {uri}")
+
+
+def put_if(uri: str, body: bytes, opts: StorageOptions, etag: str | None) -> str | None:
+    """Write a small object only if it is unchanged: `etag` None creates it only where there
+    is none (S3 `If-None-Match: *`), else it replaces only that version (`If-Match`).
+
+    Returns the new version tag, or None when the precondition failed (someone else wrote
+    first). A retried PUT whose first try did land is recognised by its content.
+    """
+    loc = parse_uri(uri)
+    if loc.scheme in ("file", "pvc"):
+        return _local_put_if(local_path(loc), body, etag)
+    if loc.scheme != "s3":
+        raise TrainerError(ExitCode.CONFIG, f"cannot write to {uri}: use s3://, pvc:// or file://")
+    client = s3_client(opts)
+    condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+
+    def put() -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return str(client.put_object(Bucket=loc.root, Key=loc.path, Body=body,
+                                         **condition)["ETag"])
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status != 412:
+                raise s3_error(exc, f"write {uri}", ExitCode.STORAGE) from None
+        except (BotoCoreError, OSError) as exc:
+            raise s3_error(exc, f"write {uri}", ExitCode.STORAGE) from None
+        now = read_versioned(uri, opts)
+        return now.etag if now is not None and now.text.encode() == body else None
+
+    return with_retries(put, opts, f"write {uri}")
+
+
+def _local_put_if(path: Path, body: bytes, etag: str | None) -> str | None:
+    """file:// / pvc://: create with O_EXCL (atomic); a replace compares the content's sha256
+    first and renames over it (not atomic against a writer between compare and rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if etag is None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return None
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(body)
+        return hashlib.sha256(body).hexdigest()
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != etag:
+        return None
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    tmp.write_bytes(body)
+    tmp.replace(path)
+    return hashlib.sha256(body).hexdigest()
+
+
+def delete_if(uri: str, opts: StorageOptions, etag: str) -> None:
+    """Delete an object only while it is still the version `etag` (best effort: a server
+    without conditional deletes answers 501 and the object is left to expire)."""
+    loc = parse_uri(uri)
+    if loc.scheme in ("file", "pvc"):
+        path = local_path(loc)
+        with contextlib.suppress(OSError):
+            if hashlib.sha256(path.read_bytes()).hexdigest() == etag:
+                path.unlink()
+        return
+    client = s3_client(opts)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.delete_object(Bucket=loc.root, Key=loc.path, IfMatch=etag)
+    except (BotoCoreError, ClientError, OSError) as exc:
+        log.warning("could not release %s: %s", uri, type(exc).__name__)
+
+
+def copy_within(src_uri: str, dst_uri: str, opts: StorageOptions) -> None:
+    """Copy one object to another key of the same store (S3: server-side copy)."""
+    src, dst = parse_uri(src_uri), parse_uri(dst_uri)
+    if src.scheme in ("file", "pvc"):
+        _bind_copy(local_path(src), local_path(dst))()
+        return
+    client = s3_client(opts)
+    with_retries(lambda: _s3_call(
+        lambda: client.copy({"Bucket": src.root, "Key": src.path}, dst.root, dst.path,
+                            Config=_transfer_config()),
+        f"copy {src.uri} to {dst.uri}", ExitCode.STORAGE), opts, f"copy {dst.uri}")
+
+
+def download_to(uri: str, folder: Path, opts: StorageOptions) -> list[str]:
+    """Copy every file under a prefix into `folder`, local sources included (so the bytes
+    that are verified are the bytes that are loaded); returns the relative names."""
+    loc = parse_uri(uri)
+    names = [safe_relative(n) for n in list_files(uri, opts)]
+    if loc.scheme in ("file", "pvc"):
+        source = local_path(loc)
+        _parallel([_bind_copy(source / n, folder / n) for n in names], opts.workers)
+    elif loc.scheme == "s3":
+        client = s3_client(opts)
+        _parallel([_bind_get(client, loc.child(n), folder / n, opts, ExitCode.STORAGE)
+                   for n in names], opts.workers)
+    else:
+        raise TrainerError(ExitCode.CONFIG, f"cannot download {uri}: use s3://, pvc:// or file://")
+    return names

@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from lora_operator import api
-from lora_operator.contract import ExitCode
-from lora_trainer import deepspeed_config, kernels, progress, storage
+from lora_trainer import deepspeed_config, kernels, progress
+from lora_trainer.checkpoints import CheckpointStore
 from lora_trainer.data import TokenCounter
 from lora_trainer.loss import causal_lm_loss
 from lora_trainer.model import ModelSource, bnb_config, load_model
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant",
               "constant_with_warmup": "constant_with_warmup"}
 
@@ -221,12 +220,13 @@ class Preemption:
 
 
 def make_callbacks(reporter: progress.ProgressReporter, counter: TokenCounter,
-                   checkpoint_uri: str, opts: storage.StorageOptions, preemption: Preemption,
+                   checkpoints: CheckpointStore, preemption: Preemption,
                    main_process: bool) -> list[Any]:
     base = _callback_base()
 
     class CheckpointSync(base):  # type: ignore[misc,valid-type]
-        """Uploads each checkpoint beside the output, then points `latest` at it."""
+        """Uploads each checkpoint under this attempt's run prefix with its sha256 manifest,
+        then points `latest` at it (see lora_trainer.checkpoints)."""
 
         def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             if not main_process:
@@ -235,13 +235,8 @@ def make_callbacks(reporter: progress.ProgressReporter, counter: TokenCounter,
             folder = Path(args.output_dir) / name
             if not folder.is_dir():
                 return
-            files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-            storage.upload(folder, files, checkpoint_uri.rstrip("/") + "/" + name, opts)
-            pointer = Path(args.output_dir) / LATEST
-            pointer.write_text(name + "\n")
-            storage.upload(pointer.parent, [LATEST], checkpoint_uri, opts)
-            progress.emit("checkpoint", step=state.global_step,
-                          uri=checkpoint_uri.rstrip("/") + "/" + name)
+            uri = checkpoints.save(folder, name)
+            progress.emit("checkpoint", step=state.global_step, uri=uri)
 
     @dataclass
     class Progress(base):  # type: ignore[misc,valid-type]
@@ -271,22 +266,3 @@ def make_callbacks(reporter: progress.ProgressReporter, counter: TokenCounter,
                 control.should_training_stop = True
 
     return [CheckpointSync(), Progress(), StopOnSigterm()]
-
-
-def latest_checkpoint(checkpoint_uri: str, dest: Path, opts: storage.StorageOptions) -> Path | None:
-    """Download the newest checkpoint of this job uid, if a previous attempt left one."""
-    pointer = storage.read_text(checkpoint_uri.rstrip("/") + "/" + LATEST, opts)
-    if not pointer or not pointer.strip().startswith("checkpoint-"):
-        return None
-    name = storage.safe_relative(pointer.strip())
-    folder = dest / name
-    uri = checkpoint_uri.rstrip("/") + "/" + name
-    files = storage.list_files(uri, opts)
-    if not files:
-        return None
-    if storage.is_local(uri):
-        source = storage.local_path(storage.parse_uri(uri))
-        storage.upload(source, files, "file://" + str(folder.resolve()), opts)
-    else:
-        folder = storage.download(uri, dest, opts, missing=ExitCode.STORAGE)
-    return folder

@@ -508,6 +508,7 @@ def fleet_nodes(fleet_file: Path = FLEET_FILE) -> list[dict[str, Any]]:
     """The Node objects (metadata, spec and status) described by fleet.yaml."""
     fleet = yaml.safe_load(fleet_file.read_text())
     pods = str(fleet.get("pods", "110"))
+    disk = str(fleet.get("disk", "10Ti"))  # ephemeral-storage: trainer pods request it
     nodes = []
     for pool in fleet["pools"]:
         gpus = int(pool.get("gpus", 0))
@@ -520,7 +521,8 @@ def fleet_nodes(fleet_file: Path = FLEET_FILE) -> list[dict[str, Any]]:
                 "kubernetes.io/arch": "amd64",
                 "lorajob.dev/pool": pool["name"],
             }
-            resources = {"cpu": str(pool["cpu"]), "memory": str(pool["memory"]), "pods": pods}
+            resources = {"cpu": str(pool["cpu"]), "memory": str(pool["memory"]), "pods": pods,
+                         "ephemeral-storage": str(pool.get("disk", disk))}
             spec: dict[str, Any] = {}
             if gpus:
                 labels.update(

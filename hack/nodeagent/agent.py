@@ -59,7 +59,7 @@ class NodeSpec:
 
     def resources(self) -> dict[str, str]:
         out = {"cpu": self.cpu, "memory": self.memory, "pods": "110",
-               "ephemeral-storage": "100Gi"}
+               "ephemeral-storage": "10Ti"}
         if self.gpus:
             out["nvidia.com/gpu"] = str(self.gpus)
         return out

@@ -105,6 +105,8 @@ CASES: list[tuple[str, Mutate, int, tuple[str, ...]]] = [
     ("data-non-utf8", data_case(_chat(3) + b'{"text": "caf\xe9 \xff\xfe"}\n'), 3, ("UTF-8",)),
     ("data-huge-lines", data_case(_chat(6, HUGE)), 3, ("truncated",)),
     ("data-not-an-object", data_case(b"[1, 2, 3]\n" * 5), 3, ("object",)),
+    ("data-deeply-nested", data_case(_chat(4) + b'{"messages": ' + b"[" * 200_000 + b"]" * 200_000
+                                     + b"}\n"), 3, ("nested too deeply", ":5")),
     ("data-unsupported-type", data_case(b"a,b\n1,2\n", ".csv"), 3, ("unsupported",)),
     ("data-missing", set_uri("dataset", "uri", value="file:///nonexistent/train.jsonl"), 3, ("train.jsonl",)),
     ("data-s3-missing", set_uri("dataset", "uri", value="s3://{bucket}/reliability/none/train.jsonl"),

@@ -102,7 +102,8 @@ def _kwok_node(name: str) -> dict[str, Any]:
 
 def _add_node(kube: Kube, name: str) -> None:
     kube.apply(_kwok_node(name))
-    res = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "1"}
+    res = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "1",
+           "ephemeral-storage": "10Ti"}
     kube.run("patch", "node", name, "--subresource=status", "--type=merge", "-p",
              json.dumps({"status": {"capacity": res, "allocatable": res}}))
     kube.wait_for(f"node {name} Ready", lambda: "True" in kube.run(
