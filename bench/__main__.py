@@ -4,6 +4,8 @@
     python -m bench --only burst,steady      # a part; the other sections of BENCHMARKS.md stay
     python -m bench --quick                  # smoke run: N = 20, small files, short windows
     python -m bench --quick --no-write       # print the JSON only
+    python -m bench --only gpu               # on one GPU (< 8 min): the trainer's GPU rows and
+                                             # the VRAM-accuracy table (not part of the default)
 
 The local cluster is brought up if it is down (and stopped again at the end); a cluster that
 was already up is left up. Quick runs never overwrite BENCHMARKS.md unless --write is given.
@@ -16,14 +18,17 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from bench import report
 from bench.common import REPO, cluster, log, machine
 
 PARTS = ("burst", "steady", "data", "trainer")
+GPU_PARTS = ("gpu",)  # only when asked for: needs a CUDA device (`--quick`: a CPU dry run)
 
 # Why a missed goal was missed, and the next step (written from the diagnosis of the full run
 # of 2026-11-23; shown in BENCHMARKS.md only for goals that are missed).
@@ -169,18 +174,32 @@ def run_trainer(quick: bool) -> dict[str, Any]:
             "seconds": time.monotonic() - t0, "machine": machine()}
 
 
+def run_gpu(quick: bool, write: bool) -> dict[str, Any]:
+    """bench/trainer_gpu.py in-process: the GPU rows and the VRAM table (`quick`: CPU dry run,
+    written to a scratch file so the real rows are never overwritten by it)."""
+    from bench import trainer_gpu
+
+    t0 = time.monotonic()
+    scratch = Path(tempfile.gettempdir())
+    out = report.TRAINER_GPU_MD if write and not quick else scratch / "bench-gpu-dry-run.md"
+    vram = report.VRAM_MD if write and not quick else scratch / "bench-vram-dry-run.md"
+    trainer_gpu.run(out, dry=quick, budget=trainer_gpu.BUDGET_S, vram_out=vram)
+    return {"command": "python -m bench --only gpu" + (" --quick" if quick else ""),
+            "seconds": time.monotonic() - t0, "report": str(out)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(PARTS),
-                        help=f"comma-separated parts: {', '.join(PARTS)}")
+                        help=f"comma-separated parts: {', '.join(PARTS + GPU_PARTS)}")
     parser.add_argument("--quick", action="store_true", help="small sizes, for development")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md even with --quick")
     parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
-    unknown = set(parts) - set(PARTS)
+    unknown = set(parts) - set(PARTS + GPU_PARTS)
     if unknown:
-        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS + GPU_PARTS)}")
     command = "python -m bench" + (f" --only {','.join(parts)}" if set(parts) != set(PARTS) else "") \
         + (" --quick" if args.quick else "")
     write = (args.write or not args.quick) and not args.no_write
@@ -217,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name} failed: {type(exc).__name__}: {exc}")
             traceback.print_exc()
             data.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:500]
-        for key in ("burst", "steady", "data", "trainer"):
+        for key in ("burst", "steady", "data", "trainer", "gpu"):
             section = data.get(key)
             if isinstance(section, dict) and section.get("_fresh"):
                 section.pop("_fresh")
@@ -270,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         def trainer_part() -> None:
             data["trainer"] = {**run_trainer(args.quick), "_fresh": True}
         guarded("trainer", trainer_part)
+    if "gpu" in parts:
+        def gpu_part() -> None:
+            data["gpu"] = {**run_gpu(args.quick, write), "_fresh": True}
+        guarded("gpu", gpu_part)
     log(f"done in {time.monotonic() - t0:.0f} s")
     if write:
         save()

@@ -20,6 +20,8 @@ BENCHMARKS = REPO / "BENCHMARKS.md"
 BURST_PNG = REPO / "bench" / "operator_burst.png"
 TRAINER_MD = REPO / "bench" / "TRAINER.md"
 VRAM_MD = REPO / "bench" / "VRAM_ACCURACY.md"
+TRAINER_GPU_MD = REPO / "bench" / "TRAINER_GPU.md"
+GPU_COMMAND = "python -m bench --only gpu"
 _DATA = re.compile(r"<!-- bench-data\n(.*?)\n-->", re.S)
 
 GOALS = {
@@ -357,7 +359,7 @@ def trainer_section(data: dict[str, Any]) -> str:
     else:
         why = t.get("note") or "bench/trainer_throughput.py has not produced bench/TRAINER.md yet"
         lines.append(f"Not measured yet: {why}.")
-    lines += ["", "## VRAM estimate accuracy", ""]
+    lines += ["", gpu_rows_text(), "", "## VRAM estimate accuracy", ""]
     if VRAM_MD.exists():
         text = VRAM_MD.read_text().strip()
         if "Not measured yet" in text or "still to be" in text.lower():
@@ -369,6 +371,23 @@ def trainer_section(data: dict[str, Any]) -> str:
         lines.append("Still to be measured: no GPU.")
     lines.append("")
     return "\n".join(lines)
+
+
+def gpu_rows_text() -> str:
+    """The GPU rows (bench/TRAINER_GPU.md from `python -m bench --only gpu`), or why not yet."""
+    if TRAINER_GPU_MD.exists() and "dry run" not in TRAINER_GPU_MD.read_text():
+        return _demote(TRAINER_GPU_MD.read_text().strip())
+    return ("### Trainer on one GPU: not measured yet\n\n"
+            "**No GPU was lent to the session that built these paths**, so the GPU rows (ours vs "
+            "the TRL SFTTrainer + PEFT recipe on a Llama-3.2-1B-shaped model with its 128k "
+            "vocabulary: tokens/s and peak CUDA memory; and the VRAM-accuracy table below) are "
+            f"not measured. Goals: ≥ 1.8× the recipe's tokens/s at ≤ 50 % of its peak memory; "
+            f"estimator within ±10 % of measured peaks. Command, on one H100/H200 (< 8 min): "
+            f"`{GPU_COMMAND}` (it writes bench/TRAINER_GPU.md and bench/VRAM_ACCURACY.md; carry "
+            "wheels for pydantic, PyYAML, trl, datasets, liger-kernel and bitsandbytes, which a "
+            "bare torch + transformers + peft + accelerate machine lacks: without trl/datasets "
+            "the recipe row is marked missing, without liger-kernel our row runs the chunked "
+            "loss and says so, without bitsandbytes the QLoRA rows are skipped).")
 
 
 # --------------------------------------------------------------------------- the page

@@ -1,13 +1,17 @@
-"""Tokens/s and peak memory: our trainer vs the TRL SFTTrainer + PEFT tutorial recipe.
+"""Tokens/s and peak memory: our trainer vs the TRL SFTTrainer + PEFT tutorial recipe (CPU).
 
-    .venv/bin/python bench/trainer_throughput.py [--steps 6] [--rows 256] [--write bench/TRAINER.md]
+    .venv/bin/python bench/trainer_throughput.py [--steps 4] [--rows 400] [--write bench/TRAINER.md]
 
 Both sides train the same LoRA (r=16, alpha=32, dropout 0.05, q/k/v/o/gate/up/down) on the
 same variable-length chat data for the same number of optimizer steps, batch 4 × accumulation
-4. Each run is its own subprocess (fresh peak memory), in alternating order (ours, base,
-base, ours) to cancel drift on a shared machine; tokens/s counts real (non-padding) tokens.
-On CPU a tiny random Llama is used; with CUDA, an 8B-shaped random-init model (LoRA and
-QLoRA) adds GPU rows with MFU. Writes a markdown section to bench/TRAINER.md.
+4. Ours is the trainer's own path (`lora_trainer.train.build_model` + `make_trainer`: packed
+rows, the attention kernel and loss it picks, reported per row); the recipe is TRL's
+SFTTrainer with PEFT, padded batches. Each run is its own subprocess (fresh peak memory), in
+alternating order (ours, base, base, ours) to cancel drift on a shared machine; tokens/s counts
+real (non-padding) tokens after the first optimizer step (warm-up, compilation). A tiny
+random Llama with a 32k vocabulary (real models have 32k-150k, and the logits are where a
+LoRA step's memory goes). The GPU rows are `bench/trainer_gpu.py` (`python -m bench --only gpu`).
+Writes a markdown section to bench/TRAINER.md.
 """
 
 from __future__ import annotations
@@ -34,34 +38,58 @@ WORDS = [
 ]
 
 
-def make_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Chat rows with widely varying lengths (the case where padding wastes most)."""
+def make_rows(n: int, seed: int = 0, scale: float = 0.0) -> list[dict[str, Any]]:
+    """Chat rows with widely varying lengths (the case where padding wastes most); `scale`
+    shifts the log-length (0: tens of tokens, 2.5: about a thousand)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        q = " ".join(rng.choice(WORDS) for _ in range(int(rng.lognormvariate(3.0, 0.9)) + 3))
-        a = " ".join(rng.choice(WORDS) for _ in range(int(rng.lognormvariate(2.5, 0.9)) + 2))
+        q = " ".join(rng.choice(WORDS) for _ in range(int(rng.lognormvariate(3.0 + scale, 0.9)) + 3))
+        a = " ".join(rng.choice(WORDS) for _ in range(int(rng.lognormvariate(2.5 + scale, 0.9)) + 2))
         rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     return rows
 
 
-def make_model(folder: Path, gpu_shape: bool) -> None:
+CPU_VOCAB = 32_000
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data" / "train.jsonl"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def build_tokenizer(folder: Path) -> Any:
+    """A byte-level BPE trained on the example data and the bench's words, with ChatML; needs
+    only `tokenizers` and `transformers` (no pytest: the GPU machine has neither it nor a hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lora_trainer.model import CHATML_TEMPLATE
+
+    texts = [m["content"] for line in EXAMPLES.read_text().splitlines()[:200]
+             for m in json.loads(line)["messages"]] + [" ".join(WORDS), "user assistant system\n"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<pad>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def make_model(folder: Path, config: Any | None = None, dtype: Any | None = None) -> None:
+    """A random-init Llama saved with our tiny tokenizer; the model's vocabulary may be larger
+    than the tokenizer's (unused rows cost what a real vocabulary costs)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: operator/ must not shadow
-    from tests.unit.trainer.conftest import build_tokenizer
-
     tok = build_tokenizer(folder)
-    if gpu_shape:  # Llama-3.1-8B shape, random init, our small vocabulary
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=4096, intermediate_size=14336,
-                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
-    else:
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384,
-                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                             tie_word_embeddings=True)
+    if config is None:
+        config = LlamaConfig(vocab_size=max(len(tok), CPU_VOCAB), hidden_size=128,
+                             intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16 if gpu_shape else torch.float32).save_pretrained(str(folder))
+    LlamaForCausalLM(config).to(dtype or torch.float32).save_pretrained(str(folder))
 
 
 def peak_gib(cuda: bool) -> float:
@@ -73,7 +101,7 @@ def peak_gib(cuda: bool) -> float:
 
 
 class CountingCollator:
-    """Wraps any collator and counts the real tokens it hands out."""
+    """Wraps any collator and counts the real tokens it hands out (TRL pads with a mask)."""
 
     def __init__(self, inner: Any):
         self.inner = inner
@@ -86,6 +114,54 @@ class CountingCollator:
         return batch
 
 
+def timing_callback(tokens: Any, warmup: int) -> Any:
+    """Starts the clock and the token count after `warmup` optimizer steps."""
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.start = time.perf_counter()
+            self.tokens0 = 0
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if state.global_step == warmup:
+                sync()
+                self.start, self.tokens0 = time.perf_counter(), tokens()
+
+        def result(self) -> tuple[int, float]:
+            sync()
+            return tokens() - self.tokens0, time.perf_counter() - self.start
+
+    return Timing()
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def training_args(steps: int, batch: int, accum: int, seq: int, trl: bool) -> Any:
+    """The same schedule for both sides (SFTConfig for the recipe adds its max length)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    common: dict[str, Any] = dict(
+        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum, learning_rate=2e-4, lr_scheduler_type="cosine",
+        warmup_ratio=0.05, bf16=cuda, report_to=[], save_strategy="no", logging_steps=1000,
+        use_cpu=not cuda, disable_tqdm=True, seed=0, gradient_checkpointing=False)
+    if trl:
+        from trl import SFTConfig
+
+        return SFTConfig(**common, max_length=seq, assistant_only_loss=False,
+                         completion_only_loss=None)
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**common, remove_unused_columns=False)
+
+
 def lora() -> Any:
     from peft import LoraConfig
 
@@ -93,50 +169,58 @@ def lora() -> Any:
                       task_type="CAUSAL_LM")
 
 
-def run_ours(model_dir: Path, data: Path, steps: int, seq: int, qlora: bool) -> dict[str, Any]:
-    """Our pipeline: packed rows, position-id (block-diagonal) attention, no eval."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+def our_spec(seq: int, qlora: bool) -> Any:
+    """The LoRAJob spec equivalent of the recipe's settings, for the trainer's own builders."""
+    from lora_operator import api
 
+    return api.parse_spec({
+        "baseModel": {"uri": "file:///bench"}, "dataset": {"uri": "file:///bench.jsonl"},
+        "output": {"uri": "file:///bench-out"}, "method": "qlora" if qlora else "lora",
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": TARGETS},
+        "training": {"maxSeqLength": seq, "gradientCheckpointing": False, "seed": 0}})
+
+
+def run_ours(model_dir: Path, data: Path, steps: int, seq: int, qlora: bool, batch: int = 4,
+             accum: int = 4) -> dict[str, Any]:
+    """Our trainer: packed rows, the attention kernel, Liger kernels and loss it picks."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lora_operator import api
     from lora_trainer import data as d
-    from lora_trainer.model import ModelSource, bnb_config, load_model
+    from lora_trainer import train
+    from lora_trainer.model import ModelSource
 
     cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    rows = d.read_rows(data)
-    examples, _ = d.tokenize_rows(tok, rows, "chat", seq, True, "train")
+    examples, _ = d.tokenize_rows(tok, d.read_rows(data), "chat", seq, True, "train")
     packed = d.pack(examples, seq)
     counter = d.TokenCounter()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    quant = bnb_config(dtype) if qlora else None
-    model = load_model(ModelSource(model_dir), dtype, quantization=quant,
-                       device_map={"": 0} if qlora and cuda else None,
-                       attn_implementation="sdpa")
-    if qlora:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, lora())
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=4, learning_rate=2e-4, lr_scheduler_type="cosine",
-                             warmup_ratio=0.05, bf16=cuda, report_to=[], save_strategy="no",
-                             logging_steps=1000, remove_unused_columns=False, use_cpu=not cuda,
-                             disable_tqdm=True, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=d.ListDataset(packed),
-                      data_collator=d.Collator(int(tok.pad_token_id), packed=True, counter=counter))
-    start = time.perf_counter()
+    spec = our_spec(seq, qlora)
+    placement = api.Placement(method="qlora" if qlora else "lora", deepspeed="none", gpus=1 if cuda else 0)
+    model = train.build_model(ModelSource(model_dir), spec, placement,
+                              train.resolve_precision("auto", device), device)
+    fast = train.acceleration_of(model)
+    timing = timing_callback(lambda: counter.tokens, warmup=1)
+    collator = d.Collator(int(tok.pad_token_id), packed=True, counter=counter,
+                          pad_to_multiple_of=fast.pad_multiple)
+    trainer = train.make_trainer(model, args=training_args(steps, batch, accum, seq, trl=False),
+                                 train_dataset=d.ListDataset(packed), data_collator=collator,
+                                 callbacks=[timing])
     trainer.train()
-    seconds = time.perf_counter() - start
-    return {"tokens": counter.tokens, "seconds": seconds, "peak_gib": peak_gib(cuda)}
+    tokens, seconds = timing.result()
+    return {"tokens": tokens, "seconds": seconds, "peak_gib": peak_gib(cuda),
+            "acceleration": fast.as_fields()}
 
 
-def run_baseline(model_dir: Path, data: Path, steps: int, seq: int, qlora: bool) -> dict[str, Any]:
-    """The tutorial recipe: TRL SFTTrainer + PEFT, padded batches, completion-only loss."""
+def run_baseline(model_dir: Path, data: Path, steps: int, seq: int, qlora: bool, batch: int = 4,
+                 accum: int = 4) -> dict[str, Any]:
+    """The tutorial recipe: TRL SFTTrainer + PEFT, padded batches, the model's own loss."""
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -149,20 +233,15 @@ def run_baseline(model_dir: Path, data: Path, steps: int, seq: int, qlora: bool)
         kwargs["device_map"] = {"": 0} if cuda else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     dataset = load_dataset("json", data_files=str(data), split="train")
-    config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=4,
-                       gradient_accumulation_steps=4, learning_rate=2e-4, lr_scheduler_type="cosine",
-                       warmup_ratio=0.05, bf16=cuda, report_to=[], save_strategy="no",
-                       logging_steps=1000, max_length=seq, use_cpu=not cuda, disable_tqdm=True,
-                       seed=0, assistant_only_loss=False, completion_only_loss=None,
-                       gradient_checkpointing=False)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok,
-                         peft_config=lora())
+    trainer = SFTTrainer(model=model, args=training_args(steps, batch, accum, seq, trl=True),
+                         train_dataset=dataset, processing_class=tok, peft_config=lora())
     counting = CountingCollator(trainer.data_collator)
     trainer.data_collator = counting
-    start = time.perf_counter()
+    timing = timing_callback(lambda: counting.tokens, warmup=1)
+    trainer.add_callback(timing)
     trainer.train()
-    seconds = time.perf_counter() - start
-    return {"tokens": counting.tokens, "seconds": seconds, "peak_gib": peak_gib(cuda)}
+    tokens, seconds = timing.result()
+    return {"tokens": tokens, "seconds": seconds, "peak_gib": peak_gib(cuda)}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -170,15 +249,20 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     run = run_ours if args.child == "ours" else run_baseline
-    out = run(Path(args.model), Path(args.data), args.steps, args.seq, args.qlora)
+    out = run(Path(args.model), Path(args.data), args.steps, args.seq, args.qlora, args.batch,
+              args.accum)
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def spawn(side: str, model: Path, data: Path, steps: int, seq: int, qlora: bool) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", side, "--model", str(model), "--data", str(data),
-               "--steps", str(steps), "--seq", str(seq)] + (["--qlora"] if qlora else [])
+def spawn(side: str, model: Path, data: Path, steps: int, seq: int, qlora: bool, batch: int = 4,
+          accum: int = 4, timeout: float | None = None) -> dict[str, Any]:
+    """One side in a fresh interpreter (its own peak memory); its RESULT line, parsed."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--model", str(model),
+               "--data", str(data), "--steps", str(steps), "--seq", str(seq), "--batch", str(batch),
+               "--accum", str(accum)] + (["--qlora"] if qlora else [])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False,
+                          timeout=timeout)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{side} failed:\n{proc.stderr[-3000:]}")
@@ -189,19 +273,30 @@ def compare(model: Path, data: Path, steps: int, seq: int, qlora: bool) -> dict[
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "baseline": []}
     for side in ("ours", "baseline", "baseline", "ours"):
         runs[side].append(spawn(side, model, data, steps, seq, qlora))
-    out = {}
+    return summarize(runs)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per side: tokens/s over all its runs, the largest peak, the path it took."""
+    out: dict[str, Any] = {}
     for side, results in runs.items():
         tokens = sum(r["tokens"] for r in results)
         seconds = sum(r["seconds"] for r in results)
         out[side] = {"tok_s": tokens / seconds, "peak_gib": max(r["peak_gib"] for r in results),
                      "tokens_per_run": results[0]["tokens"]}
+        if "acceleration" in results[0]:
+            out[side]["acceleration"] = results[0]["acceleration"]
     out["ratio"] = out["ours"]["tok_s"] / out["baseline"]["tok_s"]
+    out["memory_ratio"] = out["ours"]["peak_gib"] / out["baseline"]["peak_gib"]
     return out
 
 
-def mfu(tok_s: float, params: float, peak_flops: float = 989e12) -> float:
-    """Model FLOPs utilisation: ≈ 6·N FLOPs per token (forward + backward) over H100 bf16 peak."""
-    return 6 * params * tok_s / peak_flops
+def path_text(fields: dict[str, Any] | None) -> str:
+    """Our row's fast paths in words: attention kernel, loss, Liger kernels."""
+    if not fields:
+        return "unknown"
+    kernels = ", ".join(fields.get("kernels") or []) or "none"
+    return f"attention {fields['attention']}, loss {fields['loss']}, Liger kernels: {kernels}"
 
 
 def machine() -> str:
@@ -211,48 +306,39 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
-def section(cpu: dict[str, Any], gpu: dict[str, dict[str, Any]] | None, command: str,
-            steps: int, rows: int) -> str:
-    def row(name: str, r: dict[str, Any]) -> str:
-        return (f"| {name} | {r['ours']['tok_s']:.0f} | {r['baseline']['tok_s']:.0f} | "
-                f"**{r['ratio']:.2f}×** | {r['ours']['peak_gib']:.2f} | {r['baseline']['peak_gib']:.2f} |")
+GOAL_RATIO, GOAL_MEMORY = 1.8, 0.5  # on GPU: ≥ 1.8× the recipe's tokens/s at ≤ 50 % of its peak
 
+
+def row(name: str, r: dict[str, Any]) -> str:
+    return (f"| {name} | {r['ours']['tok_s']:.0f} | {r['baseline']['tok_s']:.0f} | "
+            f"**{r['ratio']:.2f}×** | {r['ours']['peak_gib']:.2f} | {r['baseline']['peak_gib']:.2f} | "
+            f"{100 * r['memory_ratio']:.0f} % |")
+
+
+TABLE_HEAD = ["| setting | ours tok/s | recipe tok/s | ratio | ours peak GiB | recipe peak GiB "
+              "| ours / recipe peak |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+
+def section(cpu: dict[str, Any], command: str, steps: int, rows: int, seq: int) -> str:
     lines = [
-        "## Trainer throughput: ours vs TRL SFTTrainer + PEFT recipe", "",
+        "## Trainer throughput: ours vs TRL SFTTrainer + PEFT recipe (CPU)", "",
         f"- date: {dt.date.today().isoformat()}", f"- machine: {machine()}", f"- command: `{command}`",
-        f"- workload: {rows} variable-length chat rows, {steps} optimizer steps, batch 4 × accumulation 4, "
-        "LoRA r=16 alpha=32 on q/k/v/o/gate/up/down, max length 512; tokens/s counts non-padding tokens; "
-        "runs alternate ours/base/base/ours, each in its own subprocess; peak memory is the max RSS "
-        "(CPU) or torch max allocated (GPU)", "",
-        "| setting | ours tok/s | baseline tok/s | ratio | ours peak GiB | baseline peak GiB |",
-        "|---|---|---|---|---|---|", row("CPU, tiny Llama (4 × 128), LoRA", cpu)]
-    if gpu:
-        for name, r in gpu.items():
-            lines.append(row(name, r) + f" MFU ours {r.get('mfu', 0):.1%}")
-    else:
-        lines += ["| GPU, 8B-shaped, LoRA | not measured: no GPU in this run | | | | |",
-                  "| GPU, 8B-shaped, QLoRA | not measured: no GPU in this run | | | | |"]
-    lines += ["", "Where the gain comes from: packing (best-fit decreasing) with position-id, "
-              "block-diagonal attention instead of padding every row to the batch's longest, and "
-              "no evaluation inside the timed loop.", "", goal_verdict(cpu), ""]
+        f"- workload: {rows} variable-length chat rows, {steps} optimizer steps (the first is "
+        "warm-up, not timed), batch 4 × accumulation 4, LoRA r=16 alpha=32 on "
+        f"q/k/v/o/gate/up/down, max length {seq}; tiny random Llama (4 layers × 128, "
+        f"vocabulary {CPU_VOCAB:,}); tokens/s counts non-padding tokens; runs alternate "
+        "ours/recipe/recipe/ours, each in its own subprocess; peak memory is the process's max "
+        "RSS (imports included, ≈ 1 GiB of it)",
+        f"- our path: {path_text(cpu['ours'].get('acceleration'))}", "",
+        *TABLE_HEAD, row("CPU, tiny Llama (4 × 128, 32k vocab), LoRA", cpu), "",
+        "Where the gain comes from: packing (best-fit decreasing) with position-id attention "
+        "instead of padding every row to the batch's longest, and the chunked loss (the "
+        "[tokens × vocabulary] logits are never held whole: at 4 × 512 tokens × 32k that is "
+        "256 MiB of fp32 logits plus their gradient that the recipe allocates per micro-batch). "
+        f"The issue's goal (≥ {GOAL_RATIO}× tokens/s at ≤ {GOAL_MEMORY:.0%} of the recipe's peak) "
+        "is stated for one GPU: see the GPU rows (bench/TRAINER_GPU.md, `python -m bench --only gpu`).",
+        ""]
     return "\n".join(lines)
-
-
-GOAL_RATIO = 1.5
-
-
-def goal_verdict(cpu: dict[str, Any]) -> str:
-    """The issue's goal (≥ 1.5× the recipe's tokens/s at no more peak memory), said plainly."""
-    met = cpu["ratio"] >= GOAL_RATIO and cpu["ours"]["peak_gib"] <= cpu["baseline"]["peak_gib"]
-    if met:
-        return f"Goal (≥ {GOAL_RATIO}× tokens/s at no more peak memory): **met** on CPU ({cpu['ratio']:.2f}×)."
-    return (f"Goal (≥ {GOAL_RATIO}× tokens/s at no more peak memory): **missed** on CPU "
-            f"({cpu['ratio']:.2f}×). Why: on a 2-core CPU with a 4-layer × 128 model the step time is "
-            "dominated by per-step work that packing does not remove (optimizer, Python, data "
-            "collation), so the padded tokens the baseline wastes cost little; the gain packing buys "
-            "is in attention/MLP FLOPs, which only a real model on a GPU exposes. Next step: the GPU "
-            "rows (8B-shaped LoRA and QLoRA) on a lent GPU, then a fused/chunked loss if the ratio "
-            "is still short.")
 
 
 def main() -> None:
@@ -263,35 +349,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--rows", type=int, default=400)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--accum", type=int, default=4)
     p.add_argument("--qlora", action="store_true")
     p.add_argument("--write", default=str(Path(__file__).with_name("TRAINER.md")))
     args = p.parse_args()
     if args.child:
         child(args)
         return
-    import torch
-
     work = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
     data = work / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(args.rows)))
     tiny = work / "tiny"
     tiny.mkdir()
-    make_model(tiny, gpu_shape=False)
+    make_model(tiny)
     cpu = compare(tiny, data, args.steps, args.seq, qlora=False)
     print(json.dumps(cpu, indent=2))
-    gpu = None
-    if torch.cuda.is_available():
-        big = work / "big"
-        big.mkdir()
-        make_model(big, gpu_shape=True)
-        gpu = {}
-        for qlora in (False, True):
-            r = compare(big, data, args.steps, args.seq, qlora)
-            r["mfu"] = mfu(r["ours"]["tok_s"], 8.0e9)
-            gpu["GPU, 8B-shaped, " + ("QLoRA" if qlora else "LoRA")] = r
     command = "python bench/trainer_throughput.py " + " ".join(
         f"--{k} {v}" for k, v in (("steps", args.steps), ("rows", args.rows), ("seq", args.seq)))
-    Path(args.write).write_text("# Trainer benchmark\n\n" + section(cpu, gpu, command, args.steps, args.rows))
+    Path(args.write).write_text("# Trainer benchmark\n\n" + section(cpu, command, args.steps, args.rows,
+                                                                      args.seq))
     print(f"wrote {args.write}")
 
 

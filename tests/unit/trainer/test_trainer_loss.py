@@ -217,3 +217,27 @@ def test_training_with_the_chunked_loss_matches_the_models_loss(tiny_model_dir: 
     assert len(ours) == 2 and ours == pytest.approx(theirs, rel=1e-5)
     for name, weight in their_weights.items():
         torch.testing.assert_close(our_weights[name], weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_flex_attention_packed_rows_do_not_leak_across_samples(tiny_model_dir: Path, tiny_tokenizer: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path's kernel choice: transformers' flex attention builds a block-sparse document
+    mask from the position ids. Inductor cannot compile flex attention for this CPU, so torch's
+    eager flex_attention (same mask semantics, reference arithmetic) stands in for the compiled one."""
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers import AutoModelForCausalLM
+
+    def eager(*args: Any, training: bool = False, **kwargs: Any) -> Any:
+        return flex_attention(*args, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", eager)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="flex_attention")
+    model.eval()
+    examples = [data.chat_example(tiny_tokenizer, (("user", q), ("assistant", a)), True)
+                for q, a in (("Say hello.", "Hello!"), ("Name a colour.", "Blue, like the sea."))]
+    alone = [per_sample_losses(model, [e], False, [[len(e)]])[0] for e in examples]
+    rows = data.pack(examples, sum(len(e) for e in examples))
+    packed = per_sample_losses(model, rows, True, [[len(e) for e in examples]])
+    assert packed == pytest.approx(alone, rel=1e-4, abs=1e-4)
