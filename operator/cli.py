@@ -1,6 +1,7 @@
 """`lora-operator`: plan a LoRAJob without a cluster, or run the operator.
 
     lora-operator plan job.yaml [-o text|json] [--config settings.yaml]
+    lora-operator plan sweep.yaml   (a LoRASweep: every trial it would create is planned)
     lora-operator run [--config settings.yaml] [--namespace NS ...] [--standalone] ...
 
 `plan` exits 0 when every job in the file has a placement, 1 when one does not fit or its
@@ -20,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from lora_operator import api, localrun
+from lora_operator import api, localrun, sweep_api
 from lora_operator.plan.placement import PlacementDecision, place
 from lora_operator.plan.shapes import ShapeSource, ShapeUnavailable, resolve_shape
 from lora_operator.settings import Settings, SettingsError, load_settings
@@ -44,17 +45,30 @@ def _load_jobs(path: str) -> list[api.LoRAJob]:
     for i, doc in enumerate(docs):
         if not isinstance(doc, dict):
             raise _InvalidInputError(f"{path}: document {i + 1} is not a mapping")
-        if doc.get("kind", api.KIND) != api.KIND:
+        kind = doc.get("kind", api.KIND)
+        if kind not in (api.KIND, sweep_api.KIND):
             continue  # Secrets, ConfigMaps... shipped beside the job
         localrun.resolve_local_uris(doc, Path(path).resolve().parent)
         try:
-            jobs.append(api.parse_lorajob(doc))
+            jobs += [api.parse_lorajob(doc)] if kind == api.KIND else _sweep_trials(doc)
         except api.SpecError as exc:
             lines = "\n".join(f"  {p or '(root)'}: {m}" for p, m in exc.errors)
-            raise _InvalidInputError(f"{path}: document {i + 1} is not a valid LoRAJob:\n{lines}") from None
+            raise _InvalidInputError(f"{path}: document {i + 1} is not a valid {kind}:\n{lines}") from None
     if not jobs:
-        raise _InvalidInputError(f"{path}: no LoRAJob in the file")
+        raise _InvalidInputError(f"{path}: no LoRAJob or LoRASweep in the file")
     return jobs
+
+
+def _sweep_trials(doc: dict[str, Any]) -> list[api.LoRAJob]:
+    """The LoRAJobs a LoRASweep would create: a sweep fits only if its largest trial does,
+    and rank or method can move a trial across a VRAM class, so each is planned."""
+    from lora_operator.reconcile import sweep  # pure; kept out of the LoRAJob-only path
+
+    spec = sweep_api.parse_sweep(doc).spec
+    meta = {**(doc.get("metadata") or {}), "uid": "plan"}
+    trials = sweep.generate_trials(spec)
+    return [api.parse_lorajob(sweep.child_lorajob({"metadata": meta}, spec, i, params))
+            for i, params in enumerate(trials)]
 
 
 def _plan_one(job: api.LoRAJob, settings: Settings, timeout: float) -> dict[str, Any]:
@@ -125,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="estimate VRAM and choose a placement for a manifest",
                           description="Plan LoRAJob manifests without a cluster.")
-    plan.add_argument("file", help="YAML file with one or more LoRAJob documents")
+    plan.add_argument("file", help="YAML file with LoRAJob or LoRASweep documents")
     plan.add_argument("-o", "--output", choices=["text", "json"], default="text")
     plan.add_argument("--config", help="operator settings YAML (default: packaged settings, "
                                        "or $LORA_OPERATOR_CONFIG)")

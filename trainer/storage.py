@@ -24,6 +24,7 @@ import http.client
 import ipaddress
 import logging
 import os
+import secrets
 import shutil
 import socket
 import ssl
@@ -670,22 +671,25 @@ def put_if(uri: str, body: bytes, opts: StorageOptions, etag: str | None) -> str
 
 
 def _local_put_if(path: Path, body: bytes, etag: str | None) -> str | None:
-    """file:// / pvc://: create with O_EXCL (atomic); a replace compares the content's sha256
-    first and renames over it (not atomic against a writer between compare and rename)."""
+    """file:// / pvc://: the body is written whole to a private temporary file first, so no
+    reader ever sees a half-written object (an empty lock would read as expired). A create
+    links it into place (atomic, fails if the name exists); a replace compares the content's
+    sha256 first and renames over it (not atomic against a writer between compare and rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if etag is None:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return None
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(body)
-        return hashlib.sha256(body).hexdigest()
-    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != etag:
-        return None
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
     tmp.write_bytes(body)
-    tmp.replace(path)
+    try:
+        if etag is None:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return None
+        elif not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != etag:
+            return None
+        else:
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return hashlib.sha256(body).hexdigest()
 
 

@@ -58,8 +58,9 @@ def test_get_shows_the_printer_columns(local_cluster: Any, namespace: str) -> No
     wide = local_cluster.kubectl_run("get", "lj", "-n", namespace, "-o", "wide").stdout
     assert wide.splitlines()[0].split()[-2:] == ["ADAPTER", "NODE"]
     assert "hf://Qwen/Qwen2.5-7B-Instruct" in wide
+    # `ml` names both kinds (LoRAJob, LoRASweep), so kubectl qualifies each row's name.
     by_category = local_cluster.kubectl_run("get", "ml", "-n", namespace).stdout
-    assert "columns" in by_category.split()
+    assert "lorajob.lorajob.dev/columns" in by_category.split()
 
 
 def test_explain_prints_descriptions(local_cluster: Any) -> None:

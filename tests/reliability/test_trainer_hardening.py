@@ -36,6 +36,13 @@ def _opts(ci: Any) -> Any:
     return storage.StorageOptions(endpoint=ci.s3_endpoint, region=ci.s3_region)
 
 
+@pytest.fixture
+def output_creds(local_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output's keys in the environment, as the trainer pod gets them from its Secret."""
+    for k, v in s3_env(local_cluster).items():
+        monkeypatch.setenv(k, v)
+
+
 def _publish_race(ci: Any, tmp_path: Path, uids: list[str], overwrite: bool,
                   out: str) -> dict[str, Any]:
     """`len(uids)` attempts publish different adapters to `out` at the same instant."""
@@ -81,6 +88,7 @@ def _assert_consistent(s3: Any, bucket: str, prefix: str) -> dict[str, Any]:
     return dict(manifest)
 
 
+@pytest.mark.usefixtures("output_creds")
 def test_racing_publishers_leave_one_consistent_adapter(local_cluster: Any, s3k: Any,
                                                         tmp_path: Path) -> None:
     """Three jobs publish to one new prefix at once: exactly one manifest (If-None-Match on
@@ -100,6 +108,7 @@ def test_racing_publishers_leave_one_consistent_adapter(local_cluster: Any, s3k:
     assert manifest["job"]["uid"] == won[0].rsplit("-", 1)[0]
 
 
+@pytest.mark.usefixtures("output_creds")
 def test_two_attempts_of_one_job_publish_one_after_the_other(local_cluster: Any, s3k: Any,
                                                              tmp_path: Path) -> None:
     """Two live attempts of the same job (overwrite of its own adapter is allowed): the lock

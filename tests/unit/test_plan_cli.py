@@ -46,7 +46,27 @@ def _fresh_cache() -> None:
 def test_every_example_plans(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", str(path), "-o", "json", *FAST]) == EXIT_OK
     out = json.loads(capsys.readouterr().out)
-    assert out["error"] is None and out["estimatedVramGiB"] > 0
+    for result in out if isinstance(out, list) else [out]:
+        assert result["error"] is None and result["estimatedVramGiB"] > 0
+
+
+def test_a_sweep_plans_every_trial(capsys: pytest.CaptureFixture[str]) -> None:
+    """The example sweep's grid (r 4/16 x two learning rates, maxTrials 3): each trial it
+    would create is planned under its own name, the larger rank needing no less memory."""
+    assert main(["plan", str(ROOT / "examples" / "sweep-smollm2.yaml"), "-o", "json", *FAST]) == EXIT_OK
+    out = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in out] == ["sweep-smollm2-t1", "sweep-smollm2-t2", "sweep-smollm2-t3"]
+    lora = [r["breakdown"]["lora_params"] for r in out]
+    assert lora[0] == lora[1] < lora[2]
+
+
+def test_an_invalid_sweep_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text((ROOT / "examples" / "sweep-smollm2.yaml").read_text()
+                    .replace("parallelism: 2", "parallelism: 0"))
+    assert main(["plan", str(path), *FAST]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "not a valid LoRASweep" in err and "spec.parallelism" in err
 
 
 @pytest.mark.parametrize("name", sorted(OWN))
