@@ -17,6 +17,10 @@ BIN="$ROOT/bin"
 SRC="$ROOT/src"
 STAMPS="$ROOT/stamps"
 mkdir -p "$BIN" "$SRC" "$STAMPS"
+# One build at a time per cache (a test run and `make quickstart` may start together): a
+# second caller waits here, then finds everything cached.
+exec 9>"$ROOT/.build.lock"
+flock 9
 
 log() { echo "[build] $*" >&2; }
 
