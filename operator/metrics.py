@@ -8,7 +8,10 @@ correct right after a restart without replaying history.
 from __future__ import annotations
 
 import collections
+import gc
 import threading
+import time
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -31,6 +34,15 @@ TTL_DELETIONS = Counter("lora_operator_ttl_deletions_total",
                         "Finished LoRAJobs deleted by runPolicy.ttlSecondsAfterFinished.")
 TRANSITIONS = Counter("lora_operator_phase_transitions_total",
                       "LoRAJob phase transitions, by the phase entered.", ["phase"])
+
+QUEUE_DEPTH = Gauge("lora_operator_workqueue_depth",
+                    "Keys waiting in a work queue (not counting those being reconciled).",
+                    ["queue"])
+GC_SECONDS = Counter("lora_operator_gc_seconds_total",
+                     "Time the interpreter spent in garbage collection, by generation.",
+                     ["generation"])
+GC_COLLECTIONS = Counter("lora_operator_gc_collections_total",
+                         "Garbage collections run, by generation.", ["generation"])
 
 _lock = threading.Lock()
 _phases: dict[tuple[str, str], str] = {}
@@ -58,3 +70,32 @@ def serve(port: int) -> None:
     """Start the /metrics HTTP server in a background thread (0 disables it)."""
     if port:
         start_http_server(port)
+
+
+_gc_started: list[float] = []
+
+
+def _on_gc(phase: str, info: dict[str, Any]) -> None:
+    """gc.callbacks hook: time each collection (start/stop come in pairs, on one thread)."""
+    if phase == "start":
+        _gc_started.append(time.perf_counter())
+    elif _gc_started:
+        generation = str(info.get("generation", ""))
+        GC_SECONDS.labels(generation=generation).inc(time.perf_counter() - _gc_started.pop())
+        GC_COLLECTIONS.labels(generation=generation).inc()
+
+
+def track_gc() -> None:
+    """Export GC time on /metrics: full collections over a large heap were a measurable
+    share of the operator's CPU in bursts (BENCHMARKS.md), and this is how to see them."""
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)
+
+
+def freeze_after_startup() -> None:
+    """Move everything allocated so far (imports, settings, clients: most of the heap at
+    start) out of the collector's view, so each full collection walks only what the
+    operator allocated since; nothing frozen is ever freed, which is what we want for
+    module-level objects."""
+    gc.collect()
+    gc.freeze()

@@ -1,23 +1,26 @@
 """The reconcile loop: gather a LoRAJob's children, act, and write the derived status.
 
 Level-triggered, like a controller-runtime reconciler: every watch event of a LoRAJob, of
-one of its Jobs or of one of its pods calls `Controller.reconcile(namespace, name)`, which
-looks at the whole current state and moves it one step on. Events for the same LoRAJob
-are serialised by a per-job lock and coalesced (a reconcile waiting for the lock serves
-every event that arrives meanwhile). Nothing is remembered that the cluster does not also
-hold, except caches: restart the operator at any moment and it continues where it was.
+one of its Jobs or of one of its pods marks the LoRAJob dirty in a keyed work queue
+(`workqueue.WorkQueue`); its workers call `Controller.reconcile(namespace, name)`, which
+looks at the whole current state and moves it one step on. A key is queued once however
+many events arrive, never reconciled twice at once, and new LoRAJobs go first. Nothing is
+remembered that the cluster does not also hold, except caches: restart the operator at any
+moment and it continues where it was.
 
 What it does, in order:
 1. finished job → (re)schedule its TTL deletion, nothing else;
-2. no placement yet → validate the spec, plan through the estimator, write the placement
-   (or Fail at once with the reason and memory breakdown);
-3. no Job for the current attempt → create ServiceAccount, Role, RoleBinding, ConfigMap,
-   then the Job, all by deterministic name (409 = adopt what this LoRAJob controls; someone
+2. no placement yet → validate the spec, plan through the estimator (or Fail at once with
+   the reason and memory breakdown); the placement is written with step 6's patch, after
+   the Job exists (before a dataset preflight, at once);
+3. no Job for the current attempt → create ServiceAccount, Role, RoleBinding, ConfigMap
+   side by side, then the Job, all by deterministic name (409 = adopt what this LoRAJob controls; someone
    else's object fails the job with NameConflict, a refused create with ChildRejected);
 4. keep Job.spec.suspend in line with runPolicy.suspend (never unsuspending a Kueue job);
 5. a completed Job → verify the manifest in storage (`manifest.check`);
 6. derive the status (`status.derive_status`), patch it (optimistic concurrency), post
-   Events; after out-of-memory, re-plan one class up and start the next attempt;
+   Events for milestones (`status.milestone`); after out-of-memory, re-plan one class up
+   and start the next attempt;
 7. Failed, for any reason → delete the attempt's unfinished Job so no GPU keeps burning.
 
 The trainer's token may patch the LoRAJob's status, so no decision here rests on a status
@@ -62,12 +65,14 @@ from lora_operator.reconcile.status import (
     attempt_of,
     derive_status,
     failed_patch,
+    milestone,
     parse_result,
     parse_time,
     planned_patch,
     trainer_state,
     ttl_deadline,
 )
+from lora_operator.reconcile.workqueue import WorkQueue
 from lora_operator.settings import Settings
 
 log = logging.getLogger("lora_operator.controller")
@@ -76,7 +81,6 @@ K = TypeVar("K", bound=tuple[Any, ...])
 Key = tuple[str, str]
 Obj = Mapping[str, Any]
 EventPoster = Callable[[Obj, Event], None]
-RETRY_SECONDS = 15.0  # the sweep controller's fixed retry; LoRAJobs use `Backoff`
 # On the Job of the attempt that succeeded: when the operator verified it (RFC 3339).
 VERIFIED_ANNOTATION = f"{api.GROUP}/verified-at"
 
@@ -167,6 +171,32 @@ def endpoint_problem(spec: api.LoRAJobSpec) -> str | None:
             "fe80::/10, fd00:ec2::254) are not allowed")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A new LoRAJob's placement, not yet written. The Job is created from it first and the
+    placement goes into the same status patch as the Job's outcome: one status write on the
+    way to the Job instead of two. A crash in between loses nothing: planning again gives
+    the same placement (deterministic), and the Job is adopted by name."""
+
+    patch: dict[str, Any]
+    event: Event
+
+    def applied_to(self, body: Obj) -> Obj:
+        """`body` as if the plan were written (still with the read's resourceVersion, which
+        guards the eventual patch)."""
+        status = {**(body.get("status") or {}),
+                  **{k: v for k, v in self.patch.items() if v is not None}}
+        status["placement"] = {k: v for k, v in self.patch["placement"].items() if v is not None}
+        return {**body, "status": status}
+
+    def merged_with(self, derived: Mapping[str, Any]) -> dict[str, Any]:
+        """The plan's patch under the derived one (later facts win; placements merge)."""
+        out = {**self.patch, **derived}
+        if "placement" in derived:
+            out["placement"] = {**self.patch["placement"], **derived["placement"]}
+        return out
+
+
 class View(Protocol):
     """Read access to what the watches saw, keyed by the LoRAJob's (namespace, name)."""
 
@@ -207,9 +237,11 @@ class Controller:
         self.view: View = view or DictView()
         self._written: dict[Key, Obj] = {}  # our latest status patch responses
         self._jobs_written: dict[tuple[Key, str], Obj] = {}  # Jobs we created or patched
-        self._locks: dict[Key, asyncio.Lock] = {}
-        self._waiting: set[Key] = set()
-        self._timers: dict[Key, asyncio.TimerHandle] = {}
+        # Watch events only mark a key dirty here; workers run `reconcile` (workqueue.py).
+        self.queue: WorkQueue[Key] = WorkQueue(
+            lambda key: self.reconcile(*key), settings.max_workers, "reconcile",
+            metrics.QUEUE_DEPTH.labels(queue="lorajobs").set)
+        self._timers: dict[Key, asyncio.TimerHandle] = {}  # TTL deletions
         self._manifests: dict[tuple[str, int], ManifestCheck] = {}
         # The placement the operator planned for (uid, attempt): what the next Job is built
         # from (status.placement is writable by the trainer's token, so it is only shown).
@@ -219,8 +251,25 @@ class Controller:
 
     # ------------------------------------------------------------------ watch feed
 
+    def enqueue(self, key: Key, first: bool = False) -> None:
+        """A watch event concerning `key`: reconcile it soon (`first`: a new LoRAJob)."""
+        self.queue.add(key, first)
+
+    def is_echo(self, key: Key, body: Obj) -> bool:
+        """Whether a LoRAJob event only echoes our own last status write: that state was
+        derived from, so reconciling it again would change nothing."""
+        mine = self._written.get(key)
+        return mine is not None and _rv(mine) == _rv(body)
+
+    def is_job_echo(self, key: Key, body: Obj) -> bool:
+        """Whether a Job event only echoes our own create or patch of that Job."""
+        name = (body.get("metadata") or {}).get("name") or ""
+        mine = self._jobs_written.get((key, name))
+        return mine is not None and _rv(mine) == _rv(body)
+
     def forget(self, key: Key) -> None:
         """The LoRAJob is gone: drop our caches and timers (its children follow via GC)."""
+        self.queue.forget(key)
         self._written.pop(key, None)
         for jk in [jk for jk in self._jobs_written if jk[0] == key]:
             del self._jobs_written[jk]
@@ -246,7 +295,9 @@ class Controller:
         return _fresher(self.view.jobs(key).get(name), self._jobs_written, (key, name))
 
     def _emit(self, body: Obj, events: list[Event]) -> None:
-        for ev in events:
+        """Post the milestones among `events` (`status.milestone`): the steps in between
+        are in the status and its conditions, and an Event each is a write per step."""
+        for ev in filter(milestone, events):
             try:
                 self.post_event(body, dataclasses.replace(
                     ev, message=contract.redact_url_secrets(ev.message)))
@@ -276,34 +327,27 @@ class Controller:
     # ------------------------------------------------------------------ the loop
 
     async def reconcile(self, namespace: str, name: str) -> None:
-        """Bring one LoRAJob one step closer to done (see the module docstring)."""
+        """Bring one LoRAJob one step closer to done (see the module docstring). Run by the
+        queue's workers, never twice at once for one key."""
         key = (namespace, name)
-        if key in self._waiting:
-            return  # a reconcile is already queued and will see this event's state
-        self._waiting.add(key)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            self._waiting.discard(key)
-            started = time.monotonic()
-            try:
-                for _ in range(5):  # a conflict means someone wrote first: derive again
-                    if not await self._reconcile_once(key):
-                        break
-            except RetryLater as exc:
-                delay = self._errors.next(key)
-                log.warning("%s/%s: %s; retrying in %.0fs", *key, exc, delay)
-                self.requeue(key, delay)
-            except Exception as exc:
-                metrics.RECONCILE_ERRORS.labels(error=type(exc).__name__).inc()
-                delay = self._errors.next(key)
-                log.exception("reconcile of %s/%s failed; retrying in %.0fs", *key, delay)
-                self.requeue(key, delay)
-            else:
-                self._errors.reset(key)
-            finally:
-                metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-        if self.view.lorajob(key) is None:
-            self._locks.pop(key, None)
+        started = time.monotonic()
+        try:
+            for _ in range(5):  # a conflict means someone wrote first: derive again
+                if not await self._reconcile_once(key):
+                    break
+        except RetryLater as exc:
+            delay = self._errors.next(key)
+            log.warning("%s/%s: %s; retrying in %.0fs", *key, exc, delay)
+            self.requeue(key, delay)
+        except Exception as exc:
+            metrics.RECONCILE_ERRORS.labels(error=type(exc).__name__).inc()
+            delay = self._errors.next(key)
+            log.exception("reconcile of %s/%s failed; retrying in %.0fs", *key, delay)
+            self.requeue(key, delay)
+        else:
+            self._errors.reset(key)
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
     async def _reconcile_once(self, key: Key) -> bool:
         """One pass; True when it should run again at once (conflict or a new attempt)."""
@@ -344,8 +388,15 @@ class Controller:
         if problem:
             return await self._fail(key, body, "EndpointRefused", problem, planning=True)
 
+        plan: _Plan | None = None
         if not status.get("placement"):
-            return await self._plan(key, body, spec, attempt)
+            if spec.dataset.preflight.enabled:  # written now: the preflight runs first
+                return await self._plan(key, body, spec, attempt)
+            # Written later, in the one status patch after the Job exists (see `_Plan`).
+            plan = await self._plan_only(key, body, spec, attempt)
+            if plan is None:
+                return False
+            body = plan.applied_to(body)
 
         owner = names.Owner.from_body(body)
         current = owned.get(attempt)
@@ -374,7 +425,8 @@ class Controller:
             completed = await self._record_success(key, current, derived)
         retry = derived.requeue or (manifest is not None and manifest.verified is None)
         return await self._apply(key, body, derived, completed=completed,
-                                 retry=self._recheck_delay(key, current) if retry else None)
+                                 retry=self._recheck_delay(key, current) if retry else None,
+                                 plan=plan)
 
     def _owned_jobs(self, key: Key, uid: str) -> dict[int, Obj]:
         """This LoRAJob's trainer Jobs by attempt (the watch's copies and our own writes).
@@ -437,13 +489,16 @@ class Controller:
                 log.info("deleted Job %s/%s: its LoRAJob failed", key[0], name)
             self._jobs_written.pop((key, name), None)
 
-    async def _apply(self, key: Key, body: Obj, derived: Derived,
-                     retry: float | None = None, completed: str | None = None) -> bool:
-        if derived.patch:
-            out = await self._patch(key, body, derived.patch)
+    async def _apply(self, key: Key, body: Obj, derived: Derived, retry: float | None = None,
+                     completed: str | None = None, plan: _Plan | None = None) -> bool:
+        patch, events = derived.patch, derived.events
+        if plan is not None:
+            patch, events = plan.merged_with(patch), [plan.event, *events]
+        if patch:
+            out = await self._patch(key, body, patch)
             if out is None:
                 return await self._refresh(key) is not None
-            self._emit(out, derived.events)
+            self._emit(out, events)
             body = out
         if retry is not None:  # storage or the pod's state not there yet: look again later
             self.requeue(key, retry)
@@ -465,20 +520,30 @@ class Controller:
         self.schedule_ttl(key, out)
         return False
 
-    async def _plan(self, key: Key, body: Obj, spec: api.LoRAJobSpec, attempt: int = 1) -> bool:
+    async def _plan_only(self, key: Key, body: Obj, spec: api.LoRAJobSpec,
+                         attempt: int) -> _Plan | None:
+        """Plan a new LoRAJob; None when it failed (already written: it fits nowhere)."""
         outcome = await self._io(self._planner(attempt), spec, self.settings, attempt - 1)
         if outcome.placement is None:
             if outcome.retryable:
                 raise RetryLater(f"planning: {outcome.message}")
-            return await self._fail(key, body, outcome.reason, outcome.message, planning=True)
+            await self._fail(key, body, outcome.reason, outcome.message, planning=True)
+            return None
         self._remember(key, body, attempt, outcome.placement)
         patch = planned_patch(body, outcome.placement, attempts=attempt)
-        out = await self._patch(key, body, patch)
+        note = f" ({outcome.message})" if outcome.message else ""
+        return _Plan(patch, Event("Normal", "Planned", f"{patch['message']}{note}"))
+
+    async def _plan(self, key: Key, body: Obj, spec: api.LoRAJobSpec, attempt: int = 1) -> bool:
+        """Plan and write the placement at once (before a dataset preflight)."""
+        plan = await self._plan_only(key, body, spec, attempt)
+        if plan is None:
+            return False
+        out = await self._patch(key, body, plan.patch)
         if out is None:
             return await self._refresh(key) is not None
-        self._emit(out, [Event("Normal", "Planned", f"{patch['message']}"
-                               f"{' (' + outcome.message + ')' if outcome.message else ''}")])
-        return True  # go on and create the Job in the same reconcile
+        self._emit(out, [plan.event])
+        return True  # go on (preflight, then the Job) in the same reconcile
 
     @staticmethod
     def _planner(attempt: int) -> Callable[[api.LoRAJobSpec, Settings, int],
@@ -558,9 +623,11 @@ class Controller:
             return None
         vram_class = planning.vram_class_for(placement, self.settings)
         cfg = config_map.trainer_config(owner, spec, placement, attempt, self.settings)
-        for child in (rbac.service_account(owner), rbac.role(owner), rbac.role_binding(owner)):
-            await self._io(self.kube.create, child)
-        await self._io(self.kube.replace_config_map_data, config_map.config_map(owner, cfg))
+        # Independent of each other, all needed before the Job's pod: created side by side.
+        await asyncio.gather(
+            *(self._io(self.kube.create, child) for child in
+              (rbac.service_account(owner), rbac.role(owner), rbac.role_binding(owner))),
+            self._io(self.kube.replace_config_map_data, config_map.config_map(owner, cfg)))
         inputs = job.JobInputs(
             attempt=attempt, placement=placement, vram_class=vram_class,
             spec_hash=job.spec_hash(dict(body.get("spec") or {})),
@@ -617,15 +684,8 @@ class Controller:
     # ------------------------------------------------------------------ timers
 
     def requeue(self, key: Key, delay: float) -> None:
-        """Reconcile again after `delay` seconds (replacing an earlier timer for the key)."""
-        self._set_timer(key, delay, lambda: asyncio.ensure_future(self.reconcile(*key)))
-
-    def _set_timer(self, key: Key, delay: float, fn: Callable[[], object]) -> None:
-        loop = asyncio.get_running_loop()
-        old = self._timers.pop(key, None)
-        if old:
-            old.cancel()
-        self._timers[key] = loop.call_later(max(0.0, delay), fn)
+        """Reconcile again after `delay` seconds (replacing an earlier retry of the key)."""
+        self.queue.add_after(key, delay)
 
     def schedule_ttl(self, key: Key, body: Obj, completed: str | None = None) -> None:
         """One timer per finished LoRAJob, firing when its TTL ends: no polling at all, so
@@ -635,7 +695,11 @@ class Controller:
         if due is None:
             return
         delay = (due - dt.datetime.now(dt.UTC)).total_seconds()
-        self._set_timer(key, delay, lambda: asyncio.ensure_future(self._expire(key)))
+        old = self._timers.pop(key, None)
+        if old:
+            old.cancel()
+        self._timers[key] = asyncio.get_running_loop().call_later(
+            max(0.0, delay), lambda: asyncio.ensure_future(self._expire(key)))
 
     async def _expire(self, key: Key) -> None:
         self._timers.pop(key, None)

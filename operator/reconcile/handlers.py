@@ -1,4 +1,4 @@
-"""kopf handlers: thin adapters from watch events to `Controller.reconcile`.
+"""kopf handlers: thin adapters from watch events to the controller's work queue.
 
 Why `on.event` + indexes rather than `on.create/update/resume/delete`: the controller is
 level-triggered (it derives everything from the current objects), so it needs every event
@@ -7,13 +7,18 @@ kopf writes nothing into our objects: no last-handled-configuration annotation, 
 annotations, no finalizer (children are removed by the garbage collector through their
 ownerReferences, so deletion needs no handler to block on).
 
+Every handler only marks the LoRAJob's key dirty (`Controller.enqueue`); the queue's
+workers reconcile it (workqueue.py), so a handler returns at once and a burst of events for
+one job costs one reconcile. Events that only echo the operator's own write (a status
+patch, a Job it created) are recognised by resourceVersion and dropped.
+
 - create / resume: the first event of a LoRAJob (or the initial listing after a restart)
-  reconciles it: plan, build, create.
-- update: every later event reconciles again; runPolicy edits (suspend, TTL) act at once,
+  queues it ahead of the rest while it has no status: plan, build, create.
+- update: every later event queues it again; runPolicy edits (suspend, TTL) act at once,
   and an edit of an immutable field that slipped past the CRD's CEL rules is reported as
   the SpecChangeRejected condition and a Warning Event (the running trainer is untouched).
 - delete: DELETED drops caches and timers.
-- Job and Pod events (selected by the `lorajob.dev/job-name` label) reconcile their owner.
+- Job and Pod events (selected by the `lorajob.dev/job-name` label) queue their owner.
 
 The indexes hold the watched objects in memory; kopf runs no handler until every index is
 filled after a start, so a restarted operator never mistakes "not listed yet" for "missing".
@@ -146,21 +151,23 @@ def pod_index(**kw: Any) -> dict[Key, Obj]:
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, when=mine)
 async def lorajob_event(**kw: Any) -> None:
-    ctl = _ctl(kw)
+    ctl, key = _ctl(kw), (kw["namespace"], kw["name"])
     if kw["event"].get("type") == "DELETED":
-        ctl.forget((kw["namespace"], kw["name"]))
-        return
-    await ctl.reconcile(kw["namespace"], kw["name"])
+        ctl.forget(key)
+    elif not ctl.is_echo(key, kw["body"]):
+        ctl.enqueue(key, first=not (kw["body"].get("status") or {}).get("phase"))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS, when=mine)
 async def job_event(**kw: Any) -> None:
-    await _ctl(kw).reconcile(*_owner_key(kw))
+    ctl, key = _ctl(kw), _owner_key(kw)
+    if not ctl.is_job_echo(key, kw["body"]):
+        ctl.enqueue(key)
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS, when=mine)
 async def pod_event(**kw: Any) -> None:
-    await _ctl(kw).reconcile(*_owner_key(kw))
+    _ctl(kw).enqueue(_owner_key(kw))
 
 
 @kopf.on.probe(id="lorajobs")
@@ -178,5 +185,6 @@ def configure(**kw: Any) -> None:
     if _controller is None:
         raise kopf.PermanentError("the controller is not installed (start via run_operator)")
     configure_kopf(settings, _controller.settings)
+    metrics.freeze_after_startup()
     log.info("lora-operator started: %d VRAM classes, trainer image %s",
              len(_controller.settings.vram_classes), _controller.settings.trainer_image)

@@ -34,13 +34,27 @@ PRIORITY_ENV = "LORA_OPERATOR_PRIORITY"
 INSTANCE_ENV = "LORA_OPERATOR_INSTANCE"
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: the handlers are `on.event` (level-triggered, they read the whole
+    object), so nothing reads kopf's old/new/diff, and the default storage deep-copies and
+    serialises every body to build one."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def configure_kopf(kopf_settings: Any, settings: Settings) -> None:
     """kopf settings: state in lorajob.dev annotations (if kopf ever needs any), Events
     from INFO up, long server-side watches, concurrency from the operator's settings."""
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX)
-    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    kopf_settings.persistence.diffbase_storage = NoDiffBase()
     kopf_settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
     kopf_settings.posting.level = logging.INFO
     kopf_settings.posting.reporting_component = "lora-operator"
@@ -82,9 +96,11 @@ def run_operator(args: argparse.Namespace) -> int:
         max_workers=settings.max_workers, thread_name_prefix="lora-reconcile")
     instance = getattr(args, "instance", None) or os.environ.get(INSTANCE_ENV) or None
     handlers.install(Controller(settings, Kube(), executor), instance=instance)
-    sweep_handlers.install(SweepController(SweepKube(), executor))  # LoRASweeps, same workers
+    sweep_handlers.install(SweepController(SweepKube(), executor,  # LoRASweeps, same threads
+                                           workers=settings.max_workers))
 
     port = int(getattr(args, "metrics_port", 0) or 0)
+    metrics.track_gc()
     metrics.serve(port)
     namespaces = list(getattr(args, "namespace", None) or settings.namespaces)
     clusterwide = bool(getattr(args, "all_namespaces", False)) or not namespaces

@@ -76,6 +76,18 @@ class Event:
     message: str
 
 
+# Normal steps between milestones: shown in status.phase, message and conditions, not posted
+# as Events (one Event is one more API write per job per step, and `kubectl describe` reads
+# better without them). Warnings and every other reason are milestones.
+TRANSITIONAL_REASONS = frozenset({"CreatingJob", "WaitingForPod", "Pending", "ContainerCreating",
+                                  "Exporting", "WaitingForPodStatus", "VerifyingManifest"})
+
+
+def milestone(event: Event) -> bool:
+    """Whether an Event is worth posting: a Warning, or a Normal step users act on."""
+    return event.type != "Normal" or event.reason not in TRANSITIONAL_REASONS
+
+
 @dataclass
 class Derived:
     """The outcome of one derivation."""

@@ -1,8 +1,9 @@
 """The LoRASweep reconcile loop: read the sweep and its trials' LoRAJobs, act, write status.
 
 Level-triggered like `controller.Controller`: every event of a sweep or of one of its
-LoRAJobs calls `SweepController.reconcile(namespace, name)`, which derives everything from
-the current objects through the pure functions of `sweep.py`, in this order:
+LoRAJobs queues the sweep (workqueue.py); a worker runs `SweepController.reconcile(namespace,
+name)`, which derives everything from the current objects through the pure functions of
+`sweep.py`, in this order:
 
 1. a finished or invalid sweep → nothing more (an invalid one is Failed with the field);
 2. observe every trial (last status record + its LoRAJob), apply the median rule;
@@ -28,10 +29,12 @@ from typing import Any, Protocol, TypeVar
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from lora_operator import api, sweep_api
+from lora_operator import api, metrics, sweep_api
 from lora_operator.reconcile import sweep
-from lora_operator.reconcile.controller import RETRY_SECONDS, _fresher
+from lora_operator.reconcile.backoff import Backoff
+from lora_operator.reconcile.controller import _fresher
 from lora_operator.reconcile.status import Event
+from lora_operator.reconcile.workqueue import WorkQueue
 
 log = logging.getLogger("lora_operator.sweep")
 T = TypeVar("T")
@@ -129,33 +132,33 @@ class SweepController:
     """Operator-wide state of the sweep loop: API calls, caches, locks, retry timers."""
 
     def __init__(self, kube: SweepKube, executor: concurrent.futures.Executor,
-                 view: SweepView | None = None, post_event: EventPoster | None = None) -> None:
+                 view: SweepView | None = None, post_event: EventPoster | None = None,
+                 workers: int = 4) -> None:
         self.kube = kube
         self.executor = executor
         self.view: SweepView = view or DictSweepView()
         self.post_event = post_event or (lambda body, ev: None)
         self._written: dict[Key, Obj] = {}
-        self._locks: dict[Key, asyncio.Lock] = {}
-        self._waiting: set[Key] = set()
-        self._timers: dict[Key, asyncio.TimerHandle] = {}
+        self.queue: WorkQueue[Key] = WorkQueue(
+            lambda key: self.reconcile(*key), workers, "sweep",
+            metrics.QUEUE_DEPTH.labels(queue="lorasweeps").set)
+        self._errors = Backoff()
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
+    def enqueue(self, key: Key) -> None:
+        """A watch event of the sweep or one of its trials: reconcile it soon."""
+        self.queue.add(key)
+
     def forget(self, key: Key) -> None:
+        self.queue.forget(key)
         self._written.pop(key, None)
-        timer = self._timers.pop(key, None)
-        if timer:
-            timer.cancel()
+        self._errors.reset(key)
 
     def requeue(self, key: Key, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        old = self._timers.pop(key, None)
-        if old:
-            old.cancel()
-        self._timers[key] = loop.call_later(
-            delay, lambda: asyncio.ensure_future(self.reconcile(*key)))
+        self.queue.add_after(key, delay)
 
     def _emit(self, body: Obj, events: list[Event]) -> None:
         for ev in events:
@@ -165,23 +168,19 @@ class SweepController:
                 log.exception("could not post event %s", ev.reason)
 
     async def reconcile(self, namespace: str, name: str) -> None:
-        """Move one sweep one step on (see the module docstring)."""
+        """Move one sweep one step on (see the module docstring); run by the queue's
+        workers, never twice at once for one sweep."""
         key = (namespace, name)
-        if key in self._waiting:
-            return  # a queued reconcile will see this event's state
-        self._waiting.add(key)
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            self._waiting.discard(key)
-            try:
-                for _ in range(5):  # a conflict means someone wrote first: derive again
-                    if not await self._reconcile_once(key):
-                        break
-            except Exception:
-                log.exception("reconcile of sweep %s/%s failed; retrying in %ss", *key,
-                              RETRY_SECONDS)
-                self.requeue(key, RETRY_SECONDS)
-        if self.view.sweep(key) is None:
-            self._locks.pop(key, None)
+        try:
+            for _ in range(5):  # a conflict means someone wrote first: derive again
+                if not await self._reconcile_once(key):
+                    break
+        except Exception:
+            delay = self._errors.next(key)
+            log.exception("reconcile of sweep %s/%s failed; retrying in %.0fs", *key, delay)
+            self.requeue(key, delay)
+        else:
+            self._errors.reset(key)
 
     async def _patch(self, key: Key, body: Obj, status: dict[str, Any]) -> Obj | None:
         rv = (body.get("metadata") or {}).get("resourceVersion")

@@ -87,9 +87,9 @@ async def lorasweep_event(**kw: Any) -> None:
     if kw["event"].get("type") == "DELETED":
         ctl.forget((kw["namespace"], kw["name"]))
         return
-    await ctl.reconcile(kw["namespace"], kw["name"])
+    ctl.enqueue((kw["namespace"], kw["name"]))
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, labels=TRIAL_LABELS, when=mine)
 async def sweep_trial_event(**kw: Any) -> None:
-    await _ctl(kw).reconcile(kw["namespace"], kw["labels"][sweep.SWEEP_LABEL])
+    _ctl(kw).enqueue((kw["namespace"], kw["labels"][sweep.SWEEP_LABEL]))

@@ -441,3 +441,11 @@ def test_cost_unpriced_class_has_hours_only() -> None:
     p["metadata"]["labels"][names.VRAM_CLASS_LABEL] = "unknown"
     assert st.cost([p], SETTINGS) == {"gpuHours": 0.5}
     assert st.cost([pod("Running")], SETTINGS) is None
+
+
+def test_milestones_are_warnings_and_the_steps_users_act_on() -> None:
+    assert st.milestone(st.Event("Normal", "TrainerRunning", "training on node-1"))
+    assert st.milestone(st.Event("Normal", "Completed", "adapter verified"))
+    assert st.milestone(st.Event("Warning", "Pending", "0/3 nodes are available"))
+    assert not st.milestone(st.Event("Normal", "WaitingForPod", "waiting for the pod"))
+    assert not st.milestone(st.Event("Normal", "Exporting", "trainer finished; Job completing"))

@@ -152,20 +152,37 @@ def reconcile(ctl: Controller) -> None:
     asyncio.run(go())
 
 
-def test_first_reconcile_plans_then_builds_in_order() -> None:
+def test_first_reconcile_creates_the_job_then_writes_status_once() -> None:
     ctl, kube, _, events = make(new_lorajob())
     reconcile(ctl)
     st = kube.lorajob["status"]
     assert st["placement"]["vramClass"] == "l4-24gb" and st["attempts"] == 1
     created = [c for c in kube.calls if c[0] in ("create", "configmap")]
-    assert created == [("create", "ServiceAccount/bot-trainer"), ("create", "Role/bot-trainer"),
-                       ("create", "RoleBinding/bot-trainer"), ("configmap", "bot-trainer"),
-                       ("create", "Job/bot-a1")]
-    # Planned status is written before any child is created.
-    assert kube.calls.index(("status", "Pending")) < kube.calls.index(
-        ("create", "ServiceAccount/bot-trainer"))
+    # The four children side by side (any order), all before the Job that needs them.
+    assert set(created[:4]) == {("create", "ServiceAccount/bot-trainer"),
+                                ("create", "Role/bot-trainer"),
+                                ("create", "RoleBinding/bot-trainer"), ("configmap", "bot-trainer")}
+    assert created[4:] == [("create", "Job/bot-a1")]
+    # Two writes on the way to the Job: the Job, then one status patch with the placement
+    # and the phase the Job's state gives (not a Pending write before the children).
+    writes = [c for c in kube.calls if c[0] == "status"]
+    assert writes == [("status", "Scheduling")]
+    assert kube.calls.index(writes[0]) > kube.calls.index(("create", "Job/bot-a1"))
     assert kube.jobs()["bot-a1"]["spec"]["suspend"] is False
     assert "Planned" in [e.reason for e in events]
+
+
+def test_a_crash_between_job_and_status_replans_to_the_same_job() -> None:
+    ctl, kube, _, _ = make(new_lorajob())
+    kube.conflicts = 5  # every status write refused: as if the operator died after the Job
+    reconcile(ctl)
+    assert "placement" not in (kube.lorajob.get("status") or {})
+    kube.conflicts = 0
+    ctl2, kube2, _, _ = make(kube.lorajob)
+    kube2.objects = kube.objects  # the Job is there; the new operator has not seen it yet
+    reconcile(ctl2)
+    assert list(kube2.jobs()) == ["bot-a1"]  # adopted, not duplicated
+    assert kube2.lorajob["status"]["placement"]["vramClass"] == "l4-24gb"
 
 
 def test_existing_job_is_adopted_not_duplicated() -> None:
@@ -421,3 +438,10 @@ def test_success_is_recorded_on_the_job_and_then_final(monkeypatch: pytest.Monke
     assert ("annotate", f"bot-a1:{VERIFIED_ANNOTATION}") in kube.calls
     assert kube.calls.index(("annotate", f"bot-a1:{VERIFIED_ANNOTATION}")) < \
         kube.calls.index(("status", "Succeeded"))
+
+
+def test_only_milestones_are_posted_as_events() -> None:
+    ctl, _, _, events = make(new_lorajob())
+    reconcile(ctl)
+    # Planned is a milestone; "waiting for the Job to create a pod" is only in the status.
+    assert [e.reason for e in events] == ["Planned"]
