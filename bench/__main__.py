@@ -6,6 +6,9 @@
     python -m bench --quick --no-write       # print the JSON only
     python -m bench --only gpu               # on one GPU (< 8 min): the trainer's GPU rows and
                                              # the VRAM-accuracy table (not part of the default)
+    python -m bench --only burst --compare ../before --sizes 100,1000
+                                             # before/after in one run: each burst also with
+                                             # the operator of another tree (a git worktree)
 
 The local cluster is brought up if it is down (and stopped again at the end); a cluster that
 was already up is left up. Quick runs never overwrite BENCHMARKS.md unless --write is given.
@@ -188,6 +191,16 @@ def run_gpu(quick: bool, write: bool) -> dict[str, Any]:
             "seconds": time.monotonic() - t0, "report": str(out)}
 
 
+def baseline_label(tree: Path) -> str:
+    """`commit abc1234` of a comparison's tree (its path when it is not a git checkout)."""
+    try:
+        sha = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        return f"commit `{sha}`"
+    except (OSError, subprocess.CalledProcessError):
+        return f"`{tree}`"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(PARTS),
@@ -195,13 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for development")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md even with --quick")
     parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
+    parser.add_argument("--compare", type=Path, default=None, metavar="TREE",
+                        help="also run every burst with the operator of TREE (e.g. a worktree "
+                             "of the commit before a change): before/after in one run")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated burst sizes (default 100,1000; --quick 20)")
     args = parser.parse_args(argv)
+    if args.compare is not None and not (args.compare / "operator" / "cli.py").is_file():
+        parser.error(f"--compare {args.compare}: no operator/cli.py there")
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS + GPU_PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS + GPU_PARTS)}")
     command = "python -m bench" + (f" --only {','.join(parts)}" if set(parts) != set(PARTS) else "") \
-        + (" --quick" if args.quick else "")
+        + (" --quick" if args.quick else "") + (f" --sizes {args.sizes}" if args.sizes else "") \
+        + (f" --compare {args.compare}" if args.compare else "")
     write = (args.write or not args.quick) and not args.no_write
     data = report.previous() if write else {}
     t0 = time.monotonic()
@@ -255,12 +276,20 @@ def main(argv: list[str] | None = None) -> int:
             from bench import operator_burst, steady_state
 
             def burst_part() -> None:
-                sizes = [20] if args.quick else [100, 1000]
+                sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else \
+                    ([20] if args.quick else [100, 1000])
                 burst: dict[str, Any] = {"sizes": sizes, "runs": []}
+                if args.compare is not None:
+                    burst["baseline"] = {"label": baseline_label(args.compare), "runs": []}
                 api = operator_burst.Api(str(ci.kubeconfig))
                 try:
                     for n in sizes:
                         for restart in (False, True):
+                            if args.compare is not None:  # before, then after, back to back
+                                old = operator_burst.run_burst(ci, n, restart=restart,
+                                                               operator_src=args.compare)
+                                burst["baseline"]["runs"].append(old)
+                                operator_burst.delete_namespace(api, old["namespace"], wait=30)
                             keep = "steady" in parts and n == max(sizes) and not restart
                             res = operator_burst.run_burst(ci, n, restart=restart, keep=keep)
                             kept = res.pop("_keep", None)

@@ -131,6 +131,7 @@ OPERATOR_RESOURCES = {
     "rbac.authorization.k8s.io/rolebindings", "configmaps",
 }
 OPERATOR_JOB_VERBS = {"POST", "GET", "PATCH"}  # the job controller only updates status
+WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE"}
 
 
 def summarize_requests(delta: Counter[RequestKey], jobs: int,
@@ -140,7 +141,7 @@ def summarize_requests(delta: Counter[RequestKey], jobs: int,
     for k, v in (bench_requests or Counter()).items():
         delta[k] = max(0, delta[k] - v)
     per: dict[str, float] = {}
-    operator_total = 0
+    operator_total = operator_writes = 0
     for (verb, resource, sub, _code), n in delta.items():
         if not n:
             continue
@@ -149,6 +150,8 @@ def summarize_requests(delta: Counter[RequestKey], jobs: int,
         if resource in OPERATOR_RESOURCES or (resource == "batch/jobs" and not sub
                                               and verb in OPERATOR_JOB_VERBS):
             operator_total += n
+            if verb in WRITE_VERBS:
+                operator_writes += n
     events = sum(n for (verb, res, _s, _c), n in delta.items()
                  if verb == "POST" and res in ("events", "events.k8s.io/events"))
     total = sum(delta.values())
@@ -156,6 +159,7 @@ def summarize_requests(delta: Counter[RequestKey], jobs: int,
     top = sorted(per.items(), key=lambda kv: -kv[1])
     return {"total": total, "total_per_job": total / jobs,
             "operator": operator_total, "operator_per_job": operator_total / jobs,
+            "operator_writes": operator_writes,
             "events_per_job": events / jobs,
             "table": [(label, n, n / jobs) for label, n in top[:25]]}
 

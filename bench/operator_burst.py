@@ -256,9 +256,11 @@ class Operator:
     """The operator as a subprocess, sampled by psutil (peak RSS, CPU seconds) across
     restarts."""
 
-    def __init__(self, ci: Any, settings: Path, ns: str, instance: str, log_dir: Path) -> None:
+    def __init__(self, ci: Any, settings: Path, ns: str, instance: str, log_dir: Path,
+                 src: Path | None = None) -> None:
         self.ci, self.settings, self.ns, self.instance = ci, settings, ns, instance
         self.log_dir = log_dir
+        self.src = src  # another tree's operator/ (the "before" of a comparison)
         self.proc: subprocess.Popen[bytes] | None = None
         self.ps: psutil.Process | None = None
         self.port = 0
@@ -274,6 +276,13 @@ class Operator:
         self.port = _free_port()
         env = {**os.environ, **self.ci.env, "LORA_OPERATOR_INSTANCE": self.instance,
                "LORA_OPERATOR_LOG_FORMAT": "plain"}
+        if self.src is not None:  # that tree's package first on the path, same venv
+            shim = self.log_dir / "src"
+            shim.mkdir(exist_ok=True)
+            link = shim / "lora_operator"
+            if not link.exists():
+                link.symlink_to(self.src.resolve() / "operator")
+            env["PYTHONPATH"] = str(shim)
         cmd = [sys.executable, "-m", "lora_operator.cli", "run", "--config", str(self.settings),
                "--metrics-port", str(self.port), "--namespace", self.ns, "--standalone"]
         out = (self.log_dir / f"operator-{self.starts}.log").open("wb")
@@ -295,6 +304,17 @@ class Operator:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("the operator did not serve /metrics in time")
+
+    def gc_seconds(self) -> float | None:
+        """lora_operator_gc_seconds_total from its /metrics (None: not exported)."""
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
+                                          timeout=5).read().decode()
+        except OSError:
+            return None
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("lora_operator_gc_seconds_total{")]
+        return sum(values) if values else None
 
     def cpu_seconds(self) -> float:
         return self.cpu_done + self._cpu_now()
@@ -433,10 +453,21 @@ class Stamps:
 # --------------------------------------------------------------------------- one run
 
 
+def operator_events(api: Api, ns: str) -> int:
+    """Events the operator posted in `ns` (its reportingComponent; the Events of the job
+    controller and the scheduler share the API counters, so they are counted here)."""
+    _, out = api.request("GET", f"/api/v1/namespaces/{ns}/events?limit=100000", timeout=120)
+    return sum(1 for e in (out or {}).get("items", [])
+               if "lora-operator" in (e.get("reportingComponent"),
+                                      (e.get("source") or {}).get("component")))
+
+
 def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.0,
-              timeout: float = 900.0, keep: bool = False) -> dict[str, Any]:
+              timeout: float = 900.0, keep: bool = False,
+              operator_src: Path | None = None) -> dict[str, Any]:
     """One burst of `n` LoRAJobs; returns its figures. With keep=True the namespace and the
-    operator stay (for the steady-state measurement): result['_keep'] = (ns, Operator, api)."""
+    operator stay (for the steady-state measurement): result['_keep'] = (ns, Operator, api).
+    `operator_src`: run the operator of another tree (a comparison's baseline)."""
     import concurrent.futures
 
     api = Api(str(ci.kubeconfig), pool_size=APPLY_THREADS + 8)
@@ -446,7 +477,7 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
     instance = f"bench-{uuid.uuid4().hex[:6]}"
     log_dir = Path(tempfile.mkdtemp(prefix=f"lora-bench-{n}-"))
     settings = write_settings(log_dir / "settings.yaml", ci)
-    op = Operator(ci, settings, ns, instance, log_dir)
+    op = Operator(ci, settings, ns, instance, log_dir, src=operator_src)
     stamps = Stamps()
     watch_api = Api(str(ci.kubeconfig), pool_size=4)
     watchers = [
@@ -528,6 +559,7 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
         time.sleep(1.0)  # let the last status patches land before counting requests
         after = api.metrics()
         cpu = op.cpu_seconds() - cpu0
+        gc_seconds = op.gc_seconds()  # of the last operator process (a restart resets it)
 
         # Lost / duplicated: batch Jobs per LoRAJob, from a fresh listing.
         _, jl = api.request("GET", f"/apis/batch/v1/namespaces/{ns}/jobs?limit=5000", timeout=120)
@@ -558,6 +590,7 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
         bench_reqs: Counter[RequestKey] = Counter({("POST", f"{GROUP}/{PLURAL}", "", "2xx"): n})
         reqs = summarize_requests(diff_request_totals(before, after), n, bench_reqs)
         reqs["reset"] = any(after.get(k, 0) < v for k, v in before.items())  # apiserver restarted
+        events = operator_events(api, ns)
         result.update({
             "apply_seconds": t_applied - t_start,
             "apply_rate": n / max(t_applied - t_start, 1e-9),
@@ -573,6 +606,10 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
             "operator_cpu_seconds": cpu,
             "operator_cpu_ms_per_job": 1000 * cpu / n,
             "operator_peak_rss_mb": op.peak_rss / 1e6,
+            # Writes on the way to Succeeded: creates, patches, deletes + its Events.
+            "operator_writes_per_job": (reqs["operator_writes"] + events) / n,
+            "operator_events_per_job": events / n,
+            "operator_gc_seconds": gc_seconds,
             "lost": lost, "duplicated": duplicated, "not_succeeded": not_succeeded,
             "phases": dict(phases), "jobs_seen": len(stamps.job_seen), "not_succeeded_sample": odd,
             "operator_errors": op.logs().count("Traceback"),

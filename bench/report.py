@@ -30,6 +30,8 @@ GOALS = {
     "burst_rss": ("Operator peak RSS (any burst)", 200.0, False, "MB"),
     "burst_lost": ("LoRAJobs lost or not Succeeded (all bursts, restart included)", 0.0, False, "jobs"),
     "burst_dup": ("Duplicated Jobs (all bursts, restart included)", 0.0, False, "jobs"),
+    "burst_writes": ("Operator API writes per LoRAJob, N = 1,000 (Events included)", 4.0, False,
+                     "writes"),
     "steady_cpu": ("Idle operator, 1,000 finished LoRAJobs", 2.0, False, "% of a core"),
     "download": ("Model download vs boto3 per file", 2.0, True, "× faster"),
 }
@@ -83,6 +85,7 @@ def figures(data: dict[str, Any]) -> dict[str, float]:
     if big:
         out["burst_rate"] = big["jobs_per_second"]
         out["burst_p99"] = big["to_job_p99"]
+        out["burst_writes"] = big.get("operator_writes_per_job", math.nan)
     runs = _runs(data)
     if runs:
         out["burst_rss"] = max(r["operator_peak_rss_mb"] for r in runs)
@@ -108,7 +111,7 @@ def goal_rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, bool]]:
             digits = 1
         goal_txt = f"{'≥' if higher else ('=' if goal == 0 else '≤')} {fmt(goal, 0 if goal == int(goal) else 1)} {unit}"
         n = ""
-        if key in ("burst_rate", "burst_p99") and _at(data):
+        if key in ("burst_rate", "burst_p99", "burst_writes") and _at(data):
             n = f" (N = {_at(data)['n']:,})"  # type: ignore[index]
         rows.append((what.replace("N = 1,000", n.strip(" ()") or "N = 1,000"),
                      f"{fmt(values[key], digits)} {unit}", goal_txt, v.text(), v.met))
@@ -222,6 +225,7 @@ def burst_section(data: dict[str, Any]) -> str:
                   f"{fmt(z['operator_cpu_ms_per_job'], 0)} ms; requests per job (operator) "
                   f"{fmt(a['requests']['operator_per_job'], 1)} → "
                   f"{fmt(z['requests']['operator_per_job'], 1)}.", ""]
+    lines += comparison_lines(b)
     rs = [r for r in runs if r["restart"] and isinstance(r.get("restart"), dict)]
     for r in rs:
         info = r["restart"]
@@ -261,6 +265,53 @@ def burst_section(data: dict[str, Any]) -> str:
             lines.append(f"| `{label}` | {count:,} | {fmt(per, 2)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def comparison_lines(b: dict[str, Any]) -> list[str]:
+    """Before / after in one run (`--compare TREE`): the same bursts, alternating the two
+    operators on the same cluster and machine, so the ratio is not a cross-run guess."""
+    base = b.get("baseline") or {}
+    before = {(r["n"], bool(r["restart"])): r for r in base.get("runs") or []}
+    if not before:
+        return []
+    lines = [f"**Before / after, one run**: the same bursts with the operator of "
+             f"{base.get('label', 'the baseline tree')} (before) and of this commit (after), "
+             "alternating on the same cluster. Writes / job: the operator's creates, patches "
+             "and deletes (API server counters) plus the Events it posted (listed after the "
+             "burst); GC s: `lora_operator_gc_seconds_total` of the last operator process "
+             "(n/a where the baseline does not export it).", "",
+             "| N | restart | side | jobs/s | p99 → Job | peak RSS | CPU ms / job | writes / job "
+             "| Events / job | GC s | lost | duplicated | not Succeeded |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(b.get("runs") or [], key=lambda r: (r["n"], bool(r["restart"]))):
+        old = before.get((r["n"], bool(r["restart"])))
+        for side, x in (("before", old), ("after", r)):
+            if x is None:
+                continue
+            lines.append(
+                f"| {x['n']:,} | {'yes' if x['restart'] else 'no'} | {side} "
+                f"| {fmt(x['jobs_per_second'], 1)} | {fmt(x['to_job_p99'])} s "
+                f"| {fmt(x['operator_peak_rss_mb'], 0)} MB | {fmt(x['operator_cpu_ms_per_job'], 0)} "
+                f"| {fmt(x.get('operator_writes_per_job', math.nan), 1)} "
+                f"| {fmt(x.get('operator_events_per_job', math.nan), 1)} "
+                f"| {fmt(x.get('operator_gc_seconds'), 1)} "
+                f"| {x['lost']} | {x['duplicated']} | {x.get('not_succeeded', 0)} |")
+    lines.append("")
+    for (n, restart), old in sorted(before.items()):
+        new = next((r for r in b.get("runs") or []
+                    if r["n"] == n and bool(r["restart"]) == restart), None)
+        if new is None or restart:
+            continue
+        lines.append(
+            f"After / before at N = {n:,}: throughput "
+            f"{new['jobs_per_second'] / max(old['jobs_per_second'], 1e-9):.2f}×, p99 → Job "
+            f"{new['to_job_p99'] / max(old['to_job_p99'], 1e-9):.2f}×, peak RSS "
+            f"{new['operator_peak_rss_mb'] / max(old['operator_peak_rss_mb'], 1e-9):.2f}×, CPU / job "
+            f"{new['operator_cpu_ms_per_job'] / max(old['operator_cpu_ms_per_job'], 1e-9):.2f}×, "
+            f"writes / job {fmt(old.get('operator_writes_per_job', math.nan), 1)} → "
+            f"{fmt(new.get('operator_writes_per_job', math.nan), 1)}.")
+    lines.append("")
+    return lines
 
 
 def steady_section(data: dict[str, Any]) -> str:

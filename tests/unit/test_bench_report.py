@@ -77,10 +77,12 @@ def test_summarize_requests_splits_operator_share() -> None:
                      ("PATCH", "lorajob.dev/lorajobs", "status", "2xx"): 40,
                      ("POST", "lorajob.dev/lorajobs", "", "2xx"): 10,   # the bench's creates
                      ("PUT", "batch/jobs", "status", "2xx"): 20,        # the Job controller
+                     ("GET", "lorajob.dev/lorajobs", "", "2xx"): 5,     # a read, not a write
                      ("POST", "events", "", "2xx"): 30})
     s = summarize_requests(delta, 10, Counter({("POST", "lorajob.dev/lorajobs", "", "2xx"): 10}))
-    assert s["total"] == 100 and s["total_per_job"] == 10.0
-    assert s["operator"] == 50 and s["operator_per_job"] == 5.0
+    assert s["total"] == 105 and s["total_per_job"] == 10.5
+    assert s["operator"] == 55 and s["operator_per_job"] == 5.5
+    assert s["operator_writes"] == 50
     assert s["events_per_job"] == 3.0
     assert s["table"][0] == ("PATCH lorajob.dev/lorajobs/status", 40, 4.0)
 
@@ -120,3 +122,20 @@ def test_data_block_round_trips_through_the_page() -> None:
     assert back["weird"] == "a -- b"
     assert "a --" not in page.split("<!-- bench-data", 1)[1]  # an HTML comment may not hold "--"
     assert report.extract_data("no block here") == {}
+
+
+def test_before_after_table_pairs_runs_and_states_the_ratios() -> None:
+    after = {**_run(1000, False, 40.0, 4.0, 150.0), "operator_writes_per_job": 5.0,
+             "operator_events_per_job": 3.0, "operator_gc_seconds": 2.5}
+    before = {**_run(1000, False, 20.0, 8.0, 300.0), "operator_writes_per_job": 17.0}
+    data = {"burst": {"runs": [after], "machine": {}, "command": "python -m bench",
+                      "baseline": {"label": "commit `abc1234`", "runs": [before]}}}
+    text = report.burst_section(data)
+    assert "commit `abc1234` (before)" in text
+    assert "| 1,000 | no | before | 20.0 | 8.00 s | 300 MB | 10 | 17.0 | n/a | n/a |" in text
+    assert "| 1,000 | no | after | 40.0 | 4.00 s | 150 MB | 10 | 5.0 | 3.0 | 2.5 |" in text
+    assert "throughput 2.00×, p99 → Job 0.50×, peak RSS 0.50×" in text
+    assert "writes / job 17.0 → 5.0" in text
+    rows = {r[0]: r for r in report.goal_rows(data)}
+    writes = rows["Operator API writes per LoRAJob, N = 1,000 (Events included)"]
+    assert writes[1] == "5.00 writes" and not writes[4]  # 5 > 4: missed
