@@ -41,10 +41,11 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import inspect
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Protocol, TypeVar, overload
 
 from lora_operator import api, contract, metrics
 from lora_operator.build import config_map, job, names, rbac
@@ -223,7 +224,27 @@ class DictView:
         return list((self.pod_map.get(key) or {}).values())
 
 
-class Controller:
+class CallsIO:
+    """`_io`, shared by the controllers: API calls are coroutines, awaited on the loop;
+    blocking work (planning, manifest checks, DNS) and plain functions (the unit tests'
+    fake clients) run in the executor, off the loop."""
+
+    executor: concurrent.futures.Executor
+
+    @overload
+    async def _io(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T: ...
+
+    @overload
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+
+class Controller(CallsIO):
     """Holds the operator-wide state: settings, API clients, caches and timers."""
 
     def __init__(self, settings: Settings, kube: Kube,
@@ -282,10 +303,6 @@ class Controller:
         metrics.observe_phase(key, None)
 
     # ------------------------------------------------------------------ helpers
-
-    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
     def _lorajob(self, key: Key) -> Obj | None:
         return _fresher(self.view.lorajob(key), self._written, key)

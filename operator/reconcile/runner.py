@@ -20,12 +20,15 @@ import concurrent.futures
 import logging
 import os
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kopf
 
 from lora_operator import metrics
 from lora_operator.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from lora_operator.reconcile.kube import ApiClient
 
 log = logging.getLogger("lora_operator.runner")
 ANNOTATION_PREFIX = "lorajob.dev"
@@ -79,11 +82,26 @@ def _priority(args: argparse.Namespace) -> int:
     return 1 + secrets.randbelow(1_000_000)  # distinct per replica: equal ones all pause
 
 
+def _share_credentials(client: ApiClient) -> None:
+    """kopf's watches log in as the operator's own calls do (`kube.login`: the service
+    account in a pod, at $KUBERNETES_SERVICE_HOST, else the kubeconfig), and the API
+    client's connections are closed when kopf stops (its loop still running)."""
+    from lora_operator.reconcile.kube import login
+
+    @kopf.on.login(id="lora-operator-login")
+    def login_like_the_operator(**_: Any) -> kopf.ConnectionInfo:
+        return login()
+
+    @kopf.on.cleanup(id="close-api-client")
+    async def close_api_client(**_: Any) -> None:
+        await client.close()
+
+
 def run_operator(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM; returns the process exit status."""
     from lora_operator.reconcile import handlers, sweep_handlers
     from lora_operator.reconcile.controller import Controller
-    from lora_operator.reconcile.kube import Kube, load_kube_config
+    from lora_operator.reconcile.kube import ApiClient, Kube
     from lora_operator.reconcile.sweep_controller import SweepController, SweepKube
 
     verbose = bool(getattr(args, "verbose", False))
@@ -91,12 +109,14 @@ def run_operator(args: argparse.Namespace) -> int:
     if not verbose:  # "Handler 'pod_event' succeeded." for every watch event is noise
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings = load_settings(getattr(args, "config", None))
-    load_kube_config(pool_size=settings.max_workers + 4)  # workers + kopf's own watch calls
-    executor = concurrent.futures.ThreadPoolExecutor(
+    # One connection per reconcile worker, a few spare for the sweeps' (kopf has its own).
+    client = ApiClient(connections=settings.max_workers + 4)
+    _share_credentials(client)
+    executor = concurrent.futures.ThreadPoolExecutor(  # planning, storage and DNS checks
         max_workers=settings.max_workers, thread_name_prefix="lora-reconcile")
     instance = getattr(args, "instance", None) or os.environ.get(INSTANCE_ENV) or None
-    handlers.install(Controller(settings, Kube(), executor), instance=instance)
-    sweep_handlers.install(SweepController(SweepKube(), executor,  # LoRASweeps, same threads
+    handlers.install(Controller(settings, Kube(client), executor), instance=instance)
+    sweep_handlers.install(SweepController(SweepKube(client), executor,  # LoRASweeps
                                            workers=settings.max_workers))
 
     port = int(getattr(args, "metrics_port", 0) or 0)

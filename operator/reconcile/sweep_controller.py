@@ -19,20 +19,16 @@ time until the watch delivers them (`_fresher`), so a record is never read back 
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-
 from lora_operator import api, metrics, sweep_api
 from lora_operator.reconcile import sweep
 from lora_operator.reconcile.backoff import Backoff
-from lora_operator.reconcile.controller import _fresher
+from lora_operator.reconcile.controller import CallsIO, _fresher
+from lora_operator.reconcile.kube import ApiClient, ApiError
 from lora_operator.reconcile.status import Event
 from lora_operator.reconcile.workqueue import WorkQueue
 
@@ -65,70 +61,38 @@ class DictSweepView:
 
 
 class SweepKube:
-    """The API calls of the sweep controller (blocking; run in the executor)."""
+    """The API calls of the sweep controller, on the LoRAJob controller's `ApiClient`."""
 
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        self.api_client = api_client or client.ApiClient()
-        self.custom = client.CustomObjectsApi(self.api_client)
+    def __init__(self, client: ApiClient) -> None:
+        self.client = client
 
-    def create_lorajob(self, body: dict[str, Any]) -> dict[str, Any] | None:
+    async def create_lorajob(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """Create a trial's LoRAJob; None when one of that name already exists."""
         try:
-            out: dict[str, Any] = self.custom.create_namespaced_custom_object(
-                api.GROUP, api.VERSION, body["metadata"]["namespace"], api.PLURAL, body)
-            return out
-        except ApiException as exc:
+            return await self.client.create(body)
+        except ApiError as exc:
             if exc.status == 409:
                 return None
             raise
 
-    def read_lorajob(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            out: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name)
-            return out
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+    async def read_lorajob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self.client.get(api.KIND, namespace, name)
 
-    def delete_lorajob(self, namespace: str, name: str, uid: str) -> None:
+    async def delete_lorajob(self, namespace: str, name: str, uid: str) -> None:
         """Delete a trial's LoRAJob (its Job and pod follow), only the one with `uid`."""
-        try:
-            self.custom.delete_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name,
-                body={"propagationPolicy": "Background", "preconditions": {"uid": uid}})
-        except ApiException as exc:
-            if exc.status not in (404, 409):
-                raise
+        await self.client.delete(api.KIND, namespace, name, uid)
 
-    def read_sweep(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            out: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, sweep_api.PLURAL, name)
-            return out
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+    async def read_sweep(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self.client.get(sweep_api.KIND, namespace, name)
 
-    def patch_sweep_status(self, namespace: str, name: str, status: dict[str, Any],
-                           resource_version: str | None) -> dict[str, Any] | None:
+    async def patch_sweep_status(self, namespace: str, name: str, status: dict[str, Any],
+                                 resource_version: str | None) -> dict[str, Any] | None:
         """Merge-patch the status, refused (None) if the sweep changed since it was read."""
-        body: dict[str, Any] = {"status": status}
-        if resource_version:
-            body["metadata"] = {"resourceVersion": resource_version}
-        try:
-            out: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
-                api.GROUP, api.VERSION, namespace, sweep_api.PLURAL, name, body)
-            return out
-        except ApiException as exc:
-            if exc.status in (404, 409):
-                return None
-            raise
+        return await self.client.patch_status(sweep_api.KIND, namespace, name, status,
+                                              resource_version)
 
 
-class SweepController:
+class SweepController(CallsIO):
     """Operator-wide state of the sweep loop: API calls, caches, locks, retry timers."""
 
     def __init__(self, kube: SweepKube, executor: concurrent.futures.Executor,
@@ -143,10 +107,6 @@ class SweepController:
             lambda key: self.reconcile(*key), workers, "sweep",
             metrics.QUEUE_DEPTH.labels(queue="lorasweeps").set)
         self._errors = Backoff()
-
-    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
     def enqueue(self, key: Key) -> None:
         """A watch event of the sweep or one of its trials: reconcile it soon."""

@@ -8,6 +8,7 @@ without the other fails here rather than as a CrashLoopBackOff in someone's clus
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -164,6 +165,15 @@ def test_operator_image_has_no_torch() -> None:
     assert _wheel_extra(OPERATOR) == "operator"
     operator_deps = " ".join(PYPROJECT["project"]["optional-dependencies"]["operator"])
     assert "torch" not in operator_deps
+    assert "kubernetes" not in operator_deps, "the operator talks to the API with aiohttp"
+
+
+def test_operator_never_imports_the_kubernetes_client() -> None:
+    """The image has no kubernetes package: an import of it would fail only in a pod."""
+    pattern = re.compile(r"^\s*(import|from)\s+kubernetes\b", re.MULTILINE)
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "operator").rglob("*.py")
+                 if pattern.search(p.read_text())]
+    assert offenders == []
 
 
 # ------------------------------------------------------------------------- both
