@@ -60,7 +60,9 @@ class Settings(_Model):
     s3_region: str = Field(default="us-east-1", description="Default S3 region.")
     namespaces: list[str] = Field(default_factory=list,
                                   description="Namespaces to watch; empty means all.")
-    max_workers: int = Field(default=20, ge=1, le=1000, description="Concurrent reconciles.")
+    max_workers: int = Field(default=20, ge=1, le=1000, description=(
+        "Work-queue workers: LoRAJobs (and LoRASweeps) reconciled at once; also the threads "
+        "for planning and storage checks."))
     allow_local_uris: bool = Field(default=False, description=(
         "Accept file:// and host-path URIs in cluster mode (dev clusters only)."))
     config_read_timeout_seconds: float = Field(default=10.0, gt=0, le=300, description=(
