@@ -53,6 +53,7 @@ from lora_operator.plan import policy
 from lora_operator.reconcile import manifest as manifests
 from lora_operator.reconcile import planning, preflight
 from lora_operator.reconcile.backoff import Backoff
+from lora_operator.reconcile.children import attempt_of, parse_result, trainer_state
 from lora_operator.reconcile.kube import (
     ChildRejectedError,
     Kube,
@@ -62,17 +63,15 @@ from lora_operator.reconcile.kube import (
 from lora_operator.reconcile.status import (
     Derived,
     Event,
-    ManifestCheck,
-    attempt_of,
     derive_status,
     failed_patch,
     milestone,
-    parse_result,
-    parse_time,
+    plan_message,
     planned_patch,
-    trainer_state,
     ttl_deadline,
 )
+from lora_operator.reconcile.timestamps import parse_time
+from lora_operator.reconcile.verdicts import ManifestCheck
 from lora_operator.reconcile.workqueue import WorkQueue
 from lora_operator.settings import Settings
 
@@ -187,14 +186,15 @@ class _Plan:
         guards the eventual patch)."""
         status = {**(body.get("status") or {}),
                   **{k: v for k, v in self.patch.items() if v is not None}}
-        status["placement"] = {k: v for k, v in self.patch["placement"].items() if v is not None}
+        placement = self.patch.get("placement") or {}
+        status["placement"] = {k: v for k, v in placement.items() if v is not None}
         return {**body, "status": status}
 
     def merged_with(self, derived: Mapping[str, Any]) -> dict[str, Any]:
         """The plan's patch under the derived one (later facts win; placements merge)."""
         out = {**self.patch, **derived}
         if "placement" in derived:
-            out["placement"] = {**self.patch["placement"], **derived["placement"]}
+            out["placement"] = {**(self.patch.get("placement") or {}), **derived["placement"]}
         return out
 
 
@@ -549,7 +549,7 @@ class Controller(CallsIO):
         self._remember(key, body, attempt, outcome.placement)
         patch = planned_patch(body, outcome.placement, attempts=attempt)
         note = f" ({outcome.message})" if outcome.message else ""
-        return _Plan(patch, Event("Normal", "Planned", f"{patch['message']}{note}"))
+        return _Plan(patch, Event("Normal", "Planned", f"{plan_message(outcome.placement)}{note}"))
 
     async def _plan(self, key: Key, body: Obj, spec: api.LoRAJobSpec, attempt: int = 1) -> bool:
         """Plan and write the placement at once (before a dataset preflight)."""

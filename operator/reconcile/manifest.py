@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable
 
 from lora_operator import api, contract, objectstore
-from lora_operator.reconcile.status import ManifestCheck
+from lora_operator.reconcile.verdicts import ManifestCheck
 from lora_operator.settings import Settings
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")

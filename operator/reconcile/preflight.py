@@ -28,14 +28,10 @@ from pydantic import ValidationError
 
 from lora_operator import api, contract
 from lora_operator.build import config_map, names, preflight_job, rbac
-from lora_operator.reconcile.status import (
-    MAX_MESSAGE,
-    POD_STATUS_GRACE_SECONDS,
-    Event,
-    merge_conditions,
-    now_rfc3339,
-    parse_time,
-)
+from lora_operator.reconcile.conditions import MAX_MESSAGE, merge_conditions
+from lora_operator.reconcile.status import Event
+from lora_operator.reconcile.timestamps import now_rfc3339, parse_time
+from lora_operator.reconcile.verdicts import POD_STATUS_GRACE_SECONDS
 
 if TYPE_CHECKING:
     from lora_operator.reconcile.controller import Controller, Key

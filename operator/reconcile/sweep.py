@@ -31,7 +31,8 @@ from typing import Any
 
 from lora_operator import api, sweep_api
 from lora_operator.build import names
-from lora_operator.reconcile.status import merge_conditions, now_rfc3339
+from lora_operator.reconcile.conditions import merge_conditions
+from lora_operator.reconcile.timestamps import now_rfc3339
 from lora_operator.sweep_api import (
     Algorithm,
     FloatRange,

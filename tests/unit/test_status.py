@@ -10,6 +10,7 @@ import pytest
 
 from lora_operator import api, contract
 from lora_operator.build import names
+from lora_operator.reconcile import children
 from lora_operator.reconcile import status as st
 from lora_operator.reconcile.status import ManifestCheck, derive_status
 from lora_operator.settings import load_settings
@@ -429,10 +430,10 @@ def test_ttl_deadline() -> None:
 
 
 def test_parse_result_variants() -> None:
-    assert st.parse_result(None) == (None, "")
-    res, _ = st.parse_result(result_json())
+    assert children.parse_result(None) == (None, "")
+    res, _ = children.parse_result(result_json())
     assert res is not None and res.adapter_uri == "s3://b/bot/"
-    res, raw = st.parse_result("not json")
+    res, raw = children.parse_result("not json")
     assert res is None and raw == "not json"
 
 
