@@ -182,7 +182,7 @@ def _desired_status(lorajob: Obj, found: Verdict, desired: Desired, attempt: int
         "attempts": attempt,
     }
     if found.node:
-        want["placement"] = {**status["placement"], "node": found.node}
+        want["placement"] = {**(status.get("placement") or {}), "node": found.node}
     if found.phase in (Phase.RUNNING, Phase.UPLOADING, Phase.SUCCEEDED) and \
             not status.get("startTime"):
         want["startTime"] = stamp
