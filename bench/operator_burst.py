@@ -29,6 +29,7 @@ SIGKILLed when half of the Jobs exist and started again at once.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -141,8 +142,9 @@ def ensure_nodes(api: Api) -> None:
         status, _ = api.request("POST", "/api/v1/nodes", node)
         if status not in (201, 409):
             raise RuntimeError(f"create node {name}: HTTP {status}")
-        res = {"cpu": "10000", "memory": "100Ti", "pods": str(PODS_PER_NODE),
-               "nvidia.com/gpu": str(PODS_PER_NODE)}
+        # ephemeral-storage: trainer pods request their scratch disk (issue 13).
+        res = {"cpu": "10000", "memory": "100Ti", "ephemeral-storage": "100Pi",
+               "pods": str(PODS_PER_NODE), "nvidia.com/gpu": str(PODS_PER_NODE)}
         status, _ = api.request("PATCH", f"/api/v1/nodes/{name}/status",
                                 {"status": {"capacity": res, "allocatable": res}},
                                 content_type="application/merge-patch+json")
@@ -198,11 +200,32 @@ def delete_namespace(api: Api, ns: str, wait: float = 0.0) -> None:
         time.sleep(1.0)
 
 
+# What a simulated trainer "published": the operator reads each job's manifest.json from
+# storage and checks its sha256 against the trainer's report before Succeeded (issue 13), so
+# every job's output prefix gets this file before the burst.
+MANIFEST = json.dumps({"adapter": "bench", "files": []}).encode()
+
+
+def put_manifests(ci: Any, ns: str, names: list[str]) -> None:
+    """manifest.json under every job's output prefix (what `lorajob` reports)."""
+    import concurrent.futures
+
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=ci.s3_endpoint, aws_access_key_id=ci.s3_access_key,
+                      aws_secret_access_key=ci.s3_secret_key, region_name=ci.s3_region)
+    with concurrent.futures.ThreadPoolExecutor(APPLY_THREADS) as pool:
+        list(pool.map(lambda name: s3.put_object(
+            Bucket=ci.s3_bucket, Key=f"bench/adapters/{ns}/{name}/manifest.json", Body=MANIFEST),
+            names))
+
+
 def lorajob(ns: str, name: str, instance: str, model_uri: str, bucket: str,
             run_seconds: float) -> dict[str, Any]:
     out = f"s3://{bucket}/bench/adapters/{ns}/{name}/"
     result = {"exitCode": 0, "reason": "Completed", "adapterUri": out,
-              "manifestUri": out + "manifest.json", "manifestSha256": "ab" * 32,
+              "manifestUri": out + "manifest.json",
+              "manifestSha256": hashlib.sha256(MANIFEST).hexdigest(),
               "sizeBytes": 4096, "baseEvalLoss": 2.0, "adapterEvalLoss": 1.2, "improvement": 0.4}
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "LoRAJob",
@@ -499,6 +522,7 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
                                                     ci.s3_bucket, run_seconds)).encode()
                   for i in range(n)}
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}"
+        put_manifests(ci, ns, list(bodies))
         before = api.metrics()
         cpu0 = op.cpu_seconds()
         errors: list[str] = []
