@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,6 +53,7 @@ import urllib3
 import yaml
 
 from bench.common import (
+    REPO,
     RequestKey,
     cluster,
     diff_request_totals,
@@ -275,6 +277,12 @@ def write_settings(path: Path, ci: Any, **extra: Any) -> Path:
     return path
 
 
+def _imports_kubernetes(package: Path) -> bool:
+    """Whether an operator tree imports the kubernetes client (before issue 14 it did)."""
+    return any(re.search(r"^\s*(from|import) kubernetes\b", f.read_text(), re.M)
+               for f in package.rglob("*.py"))
+
+
 class Operator:
     """The operator as a subprocess, sampled by psutil (peak RSS, CPU seconds) across
     restarts."""
@@ -299,13 +307,20 @@ class Operator:
         self.port = _free_port()
         env = {**os.environ, **self.ci.env, "LORA_OPERATOR_INSTANCE": self.instance,
                "LORA_OPERATOR_LOG_FORMAT": "plain"}
+        shim = self.log_dir / "src"
+        shim.mkdir(exist_ok=True)
         if self.src is not None:  # that tree's package first on the path, same venv
-            shim = self.log_dir / "src"
-            shim.mkdir(exist_ok=True)
             link = shim / "lora_operator"
             if not link.exists():
                 link.symlink_to(self.src.resolve() / "operator")
-            env["PYTHONPATH"] = str(shim)
+        elif not _imports_kubernetes(REPO / "operator"):
+            # As in the operator image, which installs only the [operator] extra: the dev
+            # venv has the kubernetes client (tests, trainer), and kopf imports it if found.
+            hidden = shim / "kubernetes"
+            hidden.mkdir(exist_ok=True)
+            (hidden / "__init__.py").write_text(
+                'raise ImportError("not installed in the operator image")\n')
+        env["PYTHONPATH"] = str(shim)
         cmd = [sys.executable, "-m", "lora_operator.cli", "run", "--config", str(self.settings),
                "--metrics-port", str(self.port), "--namespace", self.ns, "--standalone"]
         out = (self.log_dir / f"operator-{self.starts}.log").open("wb")
