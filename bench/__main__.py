@@ -194,6 +194,10 @@ def run_gpu(quick: bool, write: bool) -> dict[str, Any]:
             "seconds": time.monotonic() - t0, "report": str(out)}
 
 
+def _sizes(arg: str | None) -> list[int]:
+    return [int(x) for x in arg.split(",")] if arg else []
+
+
 def baseline_label(tree: Path) -> str:
     """`commit abc1234` of a comparison's tree (its path when it is not a git checkout)."""
     try:
@@ -216,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                              "of the commit before a change): before/after in one run")
     parser.add_argument("--sizes", default=None,
                         help="comma-separated burst sizes (default 100,1000; --quick 20)")
+    parser.add_argument("--compare-sizes", default=None,
+                        help="the sizes --compare also runs the baseline at (default: all)")
+    parser.add_argument("--restart-sizes", default=None,
+                        help="the sizes also run with a restart mid-burst (default: all)")
     args = parser.parse_args(argv)
     if args.compare is not None and not (args.compare / "operator" / "cli.py").is_file():
         parser.error(f"--compare {args.compare}: no operator/cli.py there")
@@ -225,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS + GPU_PARTS)}")
     command = "python -m bench" + (f" --only {','.join(parts)}" if set(parts) != set(PARTS) else "") \
         + (" --quick" if args.quick else "") + (f" --sizes {args.sizes}" if args.sizes else "") \
-        + (f" --compare {args.compare}" if args.compare else "")
+        + (f" --compare {args.compare}" if args.compare else "") \
+        + (f" --compare-sizes {args.compare_sizes}" if args.compare_sizes else "") \
+        + (f" --restart-sizes {args.restart_sizes}" if args.restart_sizes else "")
     write = (args.write or not args.quick) and not args.no_write
     data = report.previous() if write else {}
     t0 = time.monotonic()
@@ -279,16 +289,17 @@ def main(argv: list[str] | None = None) -> int:
             from bench import operator_burst, steady_state
 
             def burst_part() -> None:
-                sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else \
-                    ([20] if args.quick else [100, 1000])
+                sizes = _sizes(args.sizes) or ([20] if args.quick else [100, 1000])
+                compared = _sizes(args.compare_sizes) or sizes if args.compare else []
+                restarted = _sizes(args.restart_sizes) or sizes
                 burst: dict[str, Any] = {"sizes": sizes, "runs": []}
                 if args.compare is not None:
                     burst["baseline"] = {"label": baseline_label(args.compare), "runs": []}
                 api = operator_burst.Api(str(ci.kubeconfig))
                 try:
                     for n in sizes:
-                        for restart in (False, True):
-                            if args.compare is not None:  # before, then after, back to back
+                        for restart in (False, True) if n in restarted else (False,):
+                            if args.compare is not None and n in compared:  # before, then after
                                 old = operator_burst.run_burst(ci, n, restart=restart,
                                                                operator_src=args.compare)
                                 burst["baseline"]["runs"].append(old)

@@ -343,16 +343,17 @@ class Operator:
                 time.sleep(0.1)
         raise RuntimeError("the operator did not serve /metrics in time")
 
-    def gc_seconds(self) -> float | None:
-        """lora_operator_gc_seconds_total from its /metrics (None: not exported)."""
+    def gc_seconds(self) -> dict[str, float]:
+        """lora_operator_gc_seconds_total by generation, from its /metrics ({}: not
+        exported)."""
         try:
             text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
                                           timeout=5).read().decode()
         except OSError:
-            return None
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith("lora_operator_gc_seconds_total{")]
-        return sum(values) if values else None
+            return {}
+        prefix = 'lora_operator_gc_seconds_total{generation="'
+        return {line[len(prefix):].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith(prefix)}
 
     def cpu_seconds(self) -> float:
         return self.cpu_done + self._cpu_now()
@@ -501,7 +502,7 @@ def operator_events(api: Api, ns: str) -> int:
 
 
 def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.0,
-              timeout: float = 900.0, keep: bool = False,
+              timeout: float | None = None, keep: bool = False,
               operator_src: Path | None = None) -> dict[str, Any]:
     """One burst of `n` LoRAJobs; returns its figures. With keep=True the namespace and the
     operator stay (for the steady-state measurement): result['_keep'] = (ns, Operator, api).
@@ -576,7 +577,8 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
         if errors:
             raise RuntimeError(f"{len(errors)} creates failed, e.g. {errors[:3]}")
         log(f"  applied {n} in {t_applied - t_start:.1f} s; waiting for Jobs and Succeeded")
-        deadline = t_start + timeout
+        # 900 s covers N = 1,000 on a loaded machine; larger bursts get time in proportion.
+        deadline = t_start + (timeout if timeout is not None else max(900.0, 0.9 * n))
         last_progress, last_count = time.monotonic(), -1
         while time.monotonic() < deadline:
             with stamps.lock:
@@ -601,10 +603,10 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
         gc_seconds = op.gc_seconds()  # of the last operator process (a restart resets it)
 
         # Lost / duplicated: batch Jobs per LoRAJob, from a fresh listing.
-        _, jl = api.request("GET", f"/apis/batch/v1/namespaces/{ns}/jobs?limit=5000", timeout=120)
+        _, jl = api.request("GET", f"/apis/batch/v1/namespaces/{ns}/jobs?limit=50000", timeout=120)
         per_owner = Counter(((j["metadata"].get("labels") or {}).get(JOB_NAME_LABEL))
                             for j in (jl or {}).get("items", []))
-        _, ll = api.request("GET", f"{path}?limit=5000", timeout=120)
+        _, ll = api.request("GET", f"{path}?limit=50000", timeout=120)
         phases = Counter(((o.get("status") or {}).get("phase") or "none")
                          for o in (ll or {}).get("items", []))
         lost = sum(1 for name in bodies if per_owner.get(name, 0) == 0)
@@ -648,7 +650,8 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
             # Writes on the way to Succeeded: creates, patches, deletes + its Events.
             "operator_writes_per_job": (reqs["operator_writes"] + events) / n,
             "operator_events_per_job": events / n,
-            "operator_gc_seconds": gc_seconds,
+            "operator_gc_seconds": sum(gc_seconds.values()) if gc_seconds else None,
+            "operator_gc_seconds_by_generation": gc_seconds,
             "lost": lost, "duplicated": duplicated, "not_succeeded": not_succeeded,
             "phases": dict(phases), "jobs_seen": len(stamps.job_seen), "not_succeeded_sample": odd,
             "operator_errors": op.logs().count("Traceback"),
@@ -668,7 +671,7 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
         log(f"  n={n}: {result['jobs_per_second']:.1f} jobs/s, to Job p50/p99 "
             f"{result['to_job_p50']:.2f}/{result['to_job_p99']:.2f} s, to Succeeded-run p50/p99 "
             f"{result['to_succeeded_p50']:.2f}/{result['to_succeeded_p99']:.2f} s, RSS "
-            f"{result['operator_peak_rss_mb']:.0f} MB, CPU {cpu:.1f} s, lost {lost}, dup "
+            f"{result['operator_peak_rss_mb']:.0f} MB, CPU {cpu:.1f} s (GC {gc_seconds}), lost {lost}, dup "
             f"{duplicated}, not succeeded {not_succeeded}")
     except BaseException:
         log(f"operator log tail:\n{op.logs()[-3000:]}")

@@ -27,7 +27,9 @@ _DATA = re.compile(r"<!-- bench-data\n(.*?)\n-->", re.S)
 GOALS = {
     "burst_rate": ("Operator burst: apply → Job created, N = 1,000", 50.0, True, "jobs/s"),
     "burst_p99": ("Operator burst: p99 apply → Job created, N = 1,000", 5.0, False, "s"),
-    "burst_rss": ("Operator peak RSS (any burst)", 200.0, False, "MB"),
+    "burst_rss": ("Operator peak RSS (any burst up to N = 1,000)", 200.0, False, "MB"),
+    "huge_rss": ("Operator peak RSS, N = 10,000", 300.0, False, "MB"),
+    "huge_rate": ("Throughput at N = 10,000 relative to N = 1,000", 0.8, True, "×"),
     "burst_lost": ("LoRAJobs lost or not Succeeded (all bursts, restart included)", 0.0, False, "jobs"),
     "burst_dup": ("Duplicated Jobs (all bursts, restart included)", 0.0, False, "jobs"),
     "burst_writes": ("Operator API writes per LoRAJob, N = 1,000 (Events included)", 4.0, False,
@@ -69,12 +71,16 @@ def _runs(data: dict[str, Any]) -> list[dict[str, Any]]:
     return list((data.get("burst") or {}).get("runs") or [])
 
 
+HUGE = 10_000  # the scale row: its own goals, kept out of the N = 1,000 ones
+
+
 def _at(data: dict[str, Any], n: int | None = None, restart: bool = False) -> dict[str, Any] | None:
+    """The run at size `n`; without `n`, the largest below the scale row (N = 1,000 in a
+    full run, the only size in a --quick one)."""
     runs = [r for r in _runs(data) if bool(r.get("restart")) == restart]
-    if not runs:
-        return None
     if n is None:
-        return max(runs, key=lambda r: r["n"])
+        runs = [r for r in runs if r["n"] < HUGE]
+        return max(runs, key=lambda r: r["n"]) if runs else None
     return next((r for r in runs if r["n"] == n), None)
 
 
@@ -86,9 +92,15 @@ def figures(data: dict[str, Any]) -> dict[str, float]:
         out["burst_rate"] = big["jobs_per_second"]
         out["burst_p99"] = big["to_job_p99"]
         out["burst_writes"] = big.get("operator_writes_per_job", math.nan)
+    huge = _at(data, HUGE)
+    if huge:
+        out["huge_rss"] = huge["operator_peak_rss_mb"]
+        if big:
+            out["huge_rate"] = huge["jobs_per_second"] / big["jobs_per_second"]
     runs = _runs(data)
     if runs:
-        out["burst_rss"] = max(r["operator_peak_rss_mb"] for r in runs)
+        out["burst_rss"] = max((r["operator_peak_rss_mb"] for r in runs if r["n"] < HUGE),
+                               default=math.nan)
         out["burst_lost"] = sum(r["lost"] + r.get("not_succeeded", 0) for r in runs)
         out["burst_dup"] = sum(r["duplicated"] for r in runs)
     steady = data.get("steady")
@@ -107,7 +119,7 @@ def goal_rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, bool]]:
     for key, (what, goal, higher, unit) in GOALS.items():
         v = verdict(values[key], goal, higher)
         digits = 0 if unit == "jobs" else 2
-        if key == "burst_rss" or key == "burst_rate":
+        if key in ("burst_rss", "burst_rate", "huge_rss"):
             digits = 1
         goal_txt = f"{'≥' if higher else ('=' if goal == 0 else '≤')} {fmt(goal, 0 if goal == int(goal) else 1)} {unit}"
         n = ""

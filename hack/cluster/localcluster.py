@@ -812,6 +812,11 @@ def _start_all(p: Paths, bin_dir: Path, ports: dict[str, int], creds: dict[str, 
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--controllers=*",
             "--leader-elect=false",
+            # The default 20 QPS per controller paces the Job controller at about 5 Jobs/s
+            # (a pod create and three status writes each): the benchmarks' bursts and the
+            # suites' e2e jobs then wait on it, not on the operator.
+            "--kube-api-qps=200",
+            "--kube-api-burst=400",
         ],
     )
     sched_cfg = p.state / "scheduler.kubeconfig"

@@ -44,7 +44,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Hashable, Mapping
 from typing import Any, Protocol, TypeVar, overload
 
 from lora_operator import api, contract, metrics
@@ -77,7 +77,7 @@ from lora_operator.settings import Settings
 
 log = logging.getLogger("lora_operator.controller")
 T = TypeVar("T")
-K = TypeVar("K", bound=tuple[Any, ...])
+K = TypeVar("K", bound=Hashable)
 Key = tuple[str, str]
 Obj = Mapping[str, Any]
 EventPoster = Callable[[Obj, Event], None]
@@ -257,7 +257,9 @@ class Controller(CallsIO):
         # What the watches saw (kopf indexes in the operator, dicts in tests).
         self.view: View = view or DictView()
         self._written: dict[Key, Obj] = {}  # our latest status patch responses
-        self._jobs_written: dict[tuple[Key, str], Obj] = {}  # Jobs we created or patched
+        # Jobs we created or patched, by LoRAJob then Job name (a reconcile looks up its own
+        # key only: no scan over every job's entries, which grew with the cluster).
+        self._jobs_written: dict[Key, dict[str, Obj]] = {}
         # Watch events only mark a key dirty here; workers run `reconcile` (workqueue.py).
         self.queue: WorkQueue[Key] = WorkQueue(
             lambda key: self.reconcile(*key), settings.max_workers, "reconcile",
@@ -285,15 +287,14 @@ class Controller(CallsIO):
     def is_job_echo(self, key: Key, body: Obj) -> bool:
         """Whether a Job event only echoes our own create or patch of that Job."""
         name = (body.get("metadata") or {}).get("name") or ""
-        mine = self._jobs_written.get((key, name))
+        mine = self._jobs_written.get(key, {}).get(name)
         return mine is not None and _rv(mine) == _rv(body)
 
     def forget(self, key: Key) -> None:
         """The LoRAJob is gone: drop our caches and timers (its children follow via GC)."""
         self.queue.forget(key)
         self._written.pop(key, None)
-        for jk in [jk for jk in self._jobs_written if jk[0] == key]:
-            del self._jobs_written[jk]
+        self._jobs_written.pop(key, None)
         timer = self._timers.pop(key, None)
         if timer:
             timer.cancel()
@@ -309,7 +310,7 @@ class Controller(CallsIO):
 
     def _job(self, key: Key, attempt: int) -> Obj | None:
         name = names.job_name(key[1], attempt)
-        return _fresher(self.view.jobs(key).get(name), self._jobs_written, (key, name))
+        return _fresher(self.view.jobs(key).get(name), self._jobs_written.get(key, {}), name)
 
     def _emit(self, body: Obj, events: list[Event]) -> None:
         """Post the milestones among `events` (`status.milestone`): the steps in between
@@ -450,10 +451,10 @@ class Controller(CallsIO):
         Only a Job whose controller is this LoRAJob's uid counts, and the highest attempt
         among them is the current one: `status.attempts` is the trainer's to write too."""
         seen = self.view.jobs(key)
-        job_names = set(seen) | {jk[1] for jk in self._jobs_written if jk[0] == key}
+        written = self._jobs_written.get(key, {})
         out: dict[int, Obj] = {}
-        for name in job_names:
-            obj = _fresher(seen.get(name), self._jobs_written, (key, name))
+        for name in set(seen) | set(written):
+            obj = _fresher(seen.get(name), written, name)
             if obj is None or not uid or controller_uid(dict(obj)) != uid:
                 continue
             n = attempt_of(obj)
@@ -478,7 +479,7 @@ class Controller(CallsIO):
             dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         updated = await self._io(self.kube.set_job_annotation, meta.get("namespace") or key[0],
                                  meta.get("name") or "", VERIFIED_ANNOTATION, stamp)
-        self._jobs_written[(key, meta.get("name") or "")] = updated
+        self._jobs_written.setdefault(key, {})[meta.get("name") or ""] = updated
         return stamp
 
     def _recheck_delay(self, key: Key, current: Obj | None) -> float:
@@ -504,7 +505,7 @@ class Controller(CallsIO):
             if await self._io(self.kube.delete_job, key[0], name, meta.get("uid") or ""):
                 metrics.JOBS_STOPPED.inc()
                 log.info("deleted Job %s/%s: its LoRAJob failed", key[0], name)
-            self._jobs_written.pop((key, name), None)
+            self._jobs_written.get(key, {}).pop(name, None)
 
     async def _apply(self, key: Key, body: Obj, derived: Derived, retry: float | None = None,
                      completed: str | None = None, plan: _Plan | None = None) -> bool:
@@ -658,7 +659,7 @@ class Controller(CallsIO):
             metrics.JOBS_CREATED.inc()
             log.info("created Job %s/%s (attempt %d)", owner.namespace,
                      manifest["metadata"]["name"], attempt)
-        self._jobs_written[(key, manifest["metadata"]["name"])] = created
+        self._jobs_written.setdefault(key, {})[manifest["metadata"]["name"]] = created
         return created
 
     async def _sync_suspend(self, key: Key, owner: names.Owner, current: Obj,
@@ -675,7 +676,7 @@ class Controller(CallsIO):
             return current
         name = (current.get("metadata") or {}).get("name") or ""
         updated = await self._io(self.kube.set_job_suspend, owner.namespace, name, want)
-        self._jobs_written[(key, name)] = updated
+        self._jobs_written.setdefault(key, {})[name] = updated
         return updated
 
     async def _manifest(self, key: Key, body: Obj, spec: api.LoRAJobSpec, current: Obj | None,

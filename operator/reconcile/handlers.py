@@ -115,6 +115,8 @@ JOB_SPEC_KEYS = ("suspend", "activeDeadlineSeconds", "backoffLimit", "completion
 
 # --------------------------------------------------------------------------- indexes
 # Handlers take **kwargs only: kopf passes many named arguments and checks the signature.
+# They are coroutines, though they never await: kopf runs a plain function in its thread
+# pool, and a thread hop per watch event was a measurable share of a burst's CPU.
 
 
 def mine(**kw: Any) -> bool:
@@ -127,19 +129,19 @@ def _owner_key(kw: Mapping[str, Any]) -> Key:
 
 
 @kopf.index(api.GROUP, api.VERSION, api.PLURAL, when=mine)
-def lorajob_index(**kw: Any) -> dict[Key, Obj]:
+async def lorajob_index(**kw: Any) -> dict[Key, Obj]:
     key = (kw["namespace"], kw["name"])
     metrics.observe_phase(key, (kw["body"].get("status") or {}).get("phase") or "Pending")
     return {key: _snapshot(kw["body"])}
 
 
 @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS, when=mine)
-def job_index(**kw: Any) -> dict[Key, Obj]:
+async def job_index(**kw: Any) -> dict[Key, Obj]:
     return {_owner_key(kw): _snapshot(kw["body"], JOB_SPEC_KEYS)}
 
 
 @kopf.index("", "v1", "pods", labels=CHILD_LABELS, when=mine)
-def pod_index(**kw: Any) -> dict[Key, Obj]:
+async def pod_index(**kw: Any) -> dict[Key, Obj]:
     pod = _snapshot(kw["body"], ("nodeName",))
     pod["spec"]["containers"] = [{"name": c.get("name"), "resources": copy.deepcopy(c.get("resources"))}
                                  for c in (kw["body"].get("spec") or {}).get("containers") or []]

@@ -36,6 +36,7 @@ import aiohttp
 import kopf
 
 from lora_operator import api, sweep_api
+from lora_operator.reconcile import fastjson
 
 log = logging.getLogger(__name__)
 # Refusals that may pass by themselves: expired credentials, a timeout, rate limiting.
@@ -228,16 +229,16 @@ class ApiClient:
     async def request(self, method: str, path: str, body: Any = None,
                       content_type: str = JSON) -> Obj:
         """`method` `path` with `body` as JSON; the answer's JSON object. Raises ApiError."""
-        data = None if body is None else json.dumps(body)
+        data = None if body is None else fastjson.dumps(body)
         status, reason, text = await self._send(method, path, data, content_type)
         if status == 401 and await self._relogin():
             status, reason, text = await self._send(method, path, data, content_type)
         if status >= 300:
             raise ApiError(status, reason, text)
-        out = json.loads(text) if text else {}
+        out = fastjson.loads(text) if text else {}
         return out if isinstance(out, dict) else {}
 
-    async def _send(self, method: str, path: str, data: str | None,
+    async def _send(self, method: str, path: str, data: bytes | None,
                     content_type: str) -> tuple[int, str, str]:
         headers = {"Content-Type": content_type} if data is not None else {}
         if self._auth:

@@ -238,7 +238,7 @@ def _trainer_jobs(ctl: Controller, key: Key, uid: str) -> bool:
         if names.ATTEMPT_LABEL in (meta.get("labels") or {}) and \
                 any(r.get("uid") == uid for r in meta.get("ownerReferences") or []):
             return True
-    return any(k == key for k, _ in ctl._jobs_written)
+    return bool(ctl._jobs_written.get(key))
 
 
 async def _create(ctl: Controller, owner: names.Owner, spec: api.LoRAJobSpec) -> None:

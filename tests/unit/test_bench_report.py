@@ -139,3 +139,20 @@ def test_before_after_table_pairs_runs_and_states_the_ratios() -> None:
     rows = {r[0]: r for r in report.goal_rows(data)}
     writes = rows["Operator API writes per LoRAJob, N = 1,000 (Events included)"]
     assert writes[1] == "5.00 writes" and not writes[4]  # 5 > 4: missed
+
+
+def test_the_scale_row_has_its_own_goals_and_leaves_n_1000_alone() -> None:
+    data = {"burst": {"runs": [_run(1000, False, 40.0, 6.0, 190.0), _run(1000, True, 30.0, 9.0, 195.0),
+                               _run(10_000, False, 34.0, 60.0, 280.0)]}}
+    rows = {r[0]: r for r in report.goal_rows(data)}
+    rate = rows["Operator burst: apply → Job created, N = 1,000"]
+    assert rate[1] == "40.0 jobs/s"  # the 10,000 row does not replace the N = 1,000 goal
+    assert rows["Operator peak RSS (any burst up to N = 1,000)"][1] == "195.0 MB"
+    huge_rss = rows["Operator peak RSS, N = 10,000"]
+    assert huge_rss[1] == "280.0 MB" and huge_rss[4]
+    ratio = rows["Throughput at N = 10,000 relative to N = 1,000"]
+    assert ratio[1] == "0.85 ×" and ratio[4]  # 34 / 40 is within 20 %
+    slow = {"burst": {"runs": [_run(1000, False, 40.0, 6.0, 190.0), _run(10_000, False, 30.0, 60.0, 350.0)]}}
+    rows = {r[0]: r for r in report.goal_rows(slow)}
+    assert not rows["Throughput at N = 10,000 relative to N = 1,000"][4]
+    assert not rows["Operator peak RSS, N = 10,000"][4]

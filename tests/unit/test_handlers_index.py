@@ -3,6 +3,7 @@ from a projected Job and pod is the one it derives from the whole objects."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from typing import Any
 
@@ -36,8 +37,8 @@ def real_pod(phase: str, **kw: Any) -> dict[str, Any]:
 
 
 def index(fn: Any, body: dict[str, Any]) -> dict[str, Any]:
-    got: dict[Any, dict[str, Any]] = fn(namespace="ml", labels={
-        "lorajob.dev/job-name": "bot"}, body=copy.deepcopy(body))
+    got: dict[Any, dict[str, Any]] = asyncio.run(fn(namespace="ml", labels={
+        "lorajob.dev/job-name": "bot"}, body=copy.deepcopy(body)))
     return next(iter(got.values()))
 
 

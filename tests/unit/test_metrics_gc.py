@@ -29,8 +29,12 @@ def test_collections_are_counted_and_timed() -> None:
 
 
 def test_freeze_moves_the_startup_heap_out_of_the_collectors_view() -> None:
+    old = gc.get_threshold()
     try:
         metrics.freeze_after_startup()
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == metrics.GC_THRESHOLDS  # young collections rarer
+        assert metrics.GC_THRESHOLDS[0] > old[0]
     finally:
         gc.unfreeze()
+        gc.set_threshold(*old)

@@ -305,14 +305,14 @@ def test_own_writes_bridge_the_watch_only_until_it_catches_up() -> None:
     ctl, kube, view, _ = make(new_lorajob())
     view.lorajobs[KEY] = copy.deepcopy(kube.lorajob)  # the watch lags: it still shows rv 1
     reconcile(ctl)
-    assert KEY in ctl._written and ctl._jobs_written
+    assert KEY in ctl._written and ctl._jobs_written[KEY]
     assert ctl._lorajob(KEY)["status"]["attempts"] == 1  # type: ignore[index]  # ours, newer
     view.lorajobs[KEY] = copy.deepcopy(kube.lorajob)  # the watch caught up
     view.job_map[KEY] = {name: {**job, "metadata": {**job["metadata"], "resourceVersion": "99"}}
                          for name, job in kube.jobs().items()}
     assert ctl._lorajob(KEY) is view.lorajobs[KEY]
     assert ctl._job(KEY, 1) is view.job_map[KEY]["bot-a1"]
-    assert KEY not in ctl._written and not ctl._jobs_written
+    assert KEY not in ctl._written and not ctl._jobs_written.get(KEY)
 
 
 # ------------------------------------------------------------------ issue 13 (items 2-6)
