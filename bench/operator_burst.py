@@ -323,6 +323,11 @@ class Operator:
         env["PYTHONPATH"] = str(shim)
         cmd = [sys.executable, "-m", "lora_operator.cli", "run", "--config", str(self.settings),
                "--metrics-port", str(self.port), "--namespace", self.ns, "--standalone"]
+        memray = os.environ.get("BENCH_MEMRAY")  # diagnosis: memray's install dir
+        if memray:  # each start's allocations into the log dir (memray stats / flamegraph)
+            env["PYTHONPATH"] += os.pathsep + memray
+            cmd[1:3] = ["-m", "memray", "run", "-q", "-o",
+                        str(self.log_dir / f"operator-{self.starts}.memray"), "-m", "lora_operator.cli"]
         out = (self.log_dir / f"operator-{self.starts}.log").open("wb")
         # cwd outside the repository: its operator/ folder would shadow the stdlib module.
         self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
