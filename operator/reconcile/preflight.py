@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from lora_operator import api, contract
 from lora_operator.build import config_map, names, preflight_job, rbac
 from lora_operator.reconcile.conditions import MAX_MESSAGE, merge_conditions
+from lora_operator.reconcile.merge_patch import status_patch
 from lora_operator.reconcile.status import Event
 from lora_operator.reconcile.timestamps import now_rfc3339, parse_time
 from lora_operator.reconcile.verdicts import POD_STATUS_GRACE_SECONDS
@@ -174,7 +175,10 @@ def derive_preflight(lorajob: Obj, job: Obj | None, pods: Sequence[Obj],
         new.update(phase=api.Phase.FAILED.value, completionTime=stamp,
                    message=f"dataset preflight: {message}"[:MAX_MESSAGE],
                    observedGeneration=generation)
-    patch = {k: v for k, v in new.items() if not _same(status.get(k), v)}
+    for key in ("conditions", "dataset"):  # a re-read report or condition is not a change
+        if key in new and _same(status.get(key), new[key]):
+            new[key] = status[key]
+    patch = status_patch(status, {**status, **new})
     events = []
     if "conditions" in patch and state in (PASSED, FAILED):
         events.append(Event("Normal" if state == PASSED and reason != "NoReport" else "Warning",

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bench import report
 from lora_operator.build import names, rbac
 from lora_operator.cli import build_parser
 from lora_operator.settings import default_settings_text, parse_settings
@@ -204,6 +205,23 @@ def test_restricted_security_context_and_probe() -> None:
     assert args.liveness.endswith(probe["path"])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert args.liveness == f"http://0.0.0.0:{ports[probe['port']]}/healthz"
+
+
+def _bytes(quantity: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_operator_memory_is_sized_from_the_measured_bursts() -> None:
+    """The request holds the N = 1,000 burst's peak RSS, the limit every burst's peak with
+    25 % headroom (figures from BENCHMARKS.md's data, as `make bench` wrote them)."""
+    runs = report._runs(report.previous())
+    assert runs, "BENCHMARKS.md has no burst figures"
+    peak_1000 = max(r["operator_peak_rss_mb"] for r in runs if r["n"] <= 1000) * 1e6
+    peak_any = max(r["operator_peak_rss_mb"] for r in runs) * 1e6
+    resources = _container(_render({}))["resources"]
+    assert _bytes(resources["requests"]["memory"]) >= peak_1000
+    assert _bytes(resources["limits"]["memory"]) >= 1.25 * peak_any
 
 
 def test_metrics_service_targets_the_metrics_port() -> None:

@@ -192,6 +192,20 @@ def test_a_passed_preflight_read_again_changes_nothing() -> None:
     assert again.state == preflight.PASSED and again.patch == {} and again.events == []
 
 
+def test_a_stale_report_key_is_nulled_not_merged_into_the_new_report() -> None:
+    """One diff of desired vs current status: a key the old report had and the new one
+    lacks is sent as null (a merge patch of the whole object would have kept it)."""
+    first = preflight.derive_preflight(lorajob(), pf_job(("Complete", "")),
+                                       [pf_pod("Succeeded", 0, json.dumps(PASSED))], NOW)
+    body = lorajob()
+    body["status"].update(first.patch)
+    body["status"]["dataset"] = {**body["status"]["dataset"], "staleKey": "from an older report"}
+    again = preflight.derive_preflight(body, pf_job(("Complete", "")),
+                                       [pf_pod("Succeeded", 0, json.dumps(PASSED))], NOW)
+    assert again.patch["dataset"]["staleKey"] is None
+    assert again.patch["dataset"]["verdict"] == "Passed"  # spelled out whole: a replacement
+
+
 def test_bad_dataset_fails_the_lorajob_with_the_reports_reason_and_rows() -> None:
     out = preflight.derive_preflight(
         lorajob(), pf_job(("Failed", "PodFailurePolicy")),
