@@ -33,41 +33,60 @@ from bench.common import REPO, cluster, log, machine
 PARTS = ("burst", "steady", "data", "trainer")
 GPU_PARTS = ("gpu",)  # only when asked for: needs a CUDA device (`--quick`: a CPU dry run)
 
-# Why a missed goal was missed, and the next step (written from the issue-14 run of
+# Why a missed goal was missed, and the next step (written from the issue-14 runs of
 # 2026-12-02, before/after in one run; shown in BENCHMARKS.md only for goals that are missed).
 NOTES = {
     "burst_rate": (
-        "CPU, not waiting: the operator shares 2 cores with etcd, the API server, the controller "
-        "manager, kwok, the load generator and, in the 2026-12-02 run, a full `make test` on "
-        "the same machine, so the absolute rate is a floor; read the before/after table, "
-        "measured side by side. The work queue (issue 14) removed the structural causes (every "
-        "watch event a full reconcile; a burst of new jobs queued behind status work; a thread "
-        "hop and model decoding per API call; kopf's diff base; Events per step), and CPU per "
-        "job fell (table). What is left per job on the path to the Job: planning, four child "
-        "creates and the Job, one status patch, and kopf decoding three watch streams. The new "
-        "GC metric shows the next lever: at N = 1,000 the collector took 60 of the operator's "
-        "116 CPU-seconds (`lora_operator_gc_seconds_total`; gc.freeze only covers the start-up "
-        "heap). Next step: raise the generation-0 threshold (or collect between bursts) and "
-        "re-measure, then on a machine with cores to spare."),
+        "the operator's event loop is one core, and it shares the machine's two with etcd, the "
+        "API server (about one core of its own during a burst), the controller manager, kwok "
+        "and the load generator, so the absolute rate is a floor; read the before/after table, "
+        "measured side by side in one run. Issue 14 doubled it (13.0 → 28.2 jobs/s) and cut "
+        "CPU per job from 108 to 49 ms: a keyed work queue instead of a reconcile per watch "
+        "event, new LoRAJobs first, raw aiohttp instead of the typed client, no kopf diff "
+        "base, GC thresholds raised after a start-up freeze (GC 26 → 7 s per 1,000 jobs), "
+        "orjson for the watch streams, index handlers without a thread hop, and two O(jobs) "
+        "scans per reconcile gone. What is left on the path to a Job is kopf's per-event work "
+        "on three watch streams (a third of the operator's CPU in the profile: decoding, "
+        "per-object workers, indexing), five creates over TLS and planning. Next step: a "
+        "watcher of our own that keeps a projection at decode time and feeds the work queue "
+        "directly (kopf kept for peering), then a machine whose control plane has its own "
+        "cores."),
     "burst_p99": (
         "follows from the rate on these 2 shared cores: the last of N LoRAJobs gets its Job "
-        "after ≈ N / rate. New LoRAJobs now go first in the work queue, so a burst is no longer "
-        "queued behind status work of running ones. Next step: the rate (above)."),
+        "after ≈ N / rate (N = 100 met it: p99 3.2 s). New LoRAJobs go first in the work "
+        "queue, so status work of running jobs does not delay them. Next step: the rate "
+        "(above)."),
     "burst_rss": (
-        "measured with the operator as the image ships it (no kubernetes client: 55 MB after "
-        "imports instead of 100 MB). The peak comes in the restart bursts, where a new operator "
-        "lists every LoRAJob, Job and pod at once while the old one's work is redone; the "
-        "normal bursts stay lower (table). Next step: a memray profile of the restart peak and "
-        "kopf's batching window (`settings.batching`) so fewer raw events queue at once."),
+        "the peak is the restart burst (305 MB; 245 MB without a restart, 439 and 663 MB "
+        "before issue 14). A memray profile of a 1,000-job burst puts half of the heap at its "
+        "peak in decoded watch events waiting in kopf's per-object queues while the operator "
+        "is behind, not in the indexes (their projections are about 5 KB per object), and "
+        "glibc's mmap threshold made no difference (243 vs 246 MB). Next step: project each "
+        "event as it is decoded, before it is queued (the watcher above), so a backlog holds "
+        "kilobytes per object instead of whole pods and Jobs."),
+    "huge_rss": (
+        "grows with the backlog, which grows with the burst: 10,000 LoRAJobs created in "
+        "2 minutes leave the operator thousands of watch events behind, each held whole "
+        "(see the RSS note above). Next step: the same (projection at decode time, a bounded "
+        "backlog)."),
+    "huge_rate": (
+        "the control plane on the same two cores slows with the number of objects (10,000 "
+        "LoRAJobs, Jobs, pods, ServiceAccounts, Roles, RoleBindings and ConfigMaps in one "
+        "namespace; the API server held 2.5 GB), and so does everything sharing it. "
+        "In the 2026-12-02 run a full `make test` started on the same machine 18 minutes "
+        "into this burst, after every Job existed: jobs/s and p99 → Job are not affected, "
+        "\"→ Succeeded\" and CPU per job are. Next step: measure on a cluster whose control "
+        "plane has its own cores."),
     "burst_writes": (
         "the writes left per successful job: ServiceAccount, Role, RoleBinding, ConfigMap and "
         "the Job (5 creates: the per-job identity the trainer's token is scoped to, issue 13), "
         "status patches at each phase a user sees (Scheduling, Running, Uploading, Succeeded), "
         "the verified-at annotation on the Job (the record the trainer's token cannot forge, "
-        "issue 13), and 3 milestone Events (Planned, TrainerRunning, Completed). ≤ 4 would need "
-        "dropping the per-job RBAC or the forgery-proof success record, which issue 13 requires, "
-        "or hiding phases from `kubectl get`. Next step: fold Running/Uploading into one patch "
-        "when the pod is already done when seen, and one Event per job (Completed / Failed)."),
+        "issue 13), and the milestone Events (Planned, TrainerRunning, Completed). ≤ 4 needs a "
+        "different security design rather than fewer patches: a trainer pod with no API token "
+        "at all (progress through storage, read by the operator), which removes the "
+        "ServiceAccount, Role, RoleBinding and the verified-at record, and the trainer config "
+        "in the pod template (downward API) instead of a ConfigMap."),
     "burst_lost": (
         "no Job was lost, but some LoRAJobs ended **Failed (NoResult)** although their pod "
         "succeeded with a valid TrainerResult: a race in the status derivation (proposal 1). "
@@ -100,7 +119,7 @@ NOTES = {
 PROPOSALS = """
 ## Proposed changes (1-4 done; 5 in part by issue 14; the rest are next steps)
 
-1. **Done after these runs.** **Correctness — `operator/reconcile/status.py`, `_job_verdict`** (the `Complete` /
+1. **Done after these runs.** **Correctness — `operator/reconcile/status.py`, `_job_verdict`** (since issue 14 `verdicts.py`, `completed`; the `Complete` /
    `SuccessCriteriaMet` branch): when the Job is complete but no pod of the attempt in the
    operator's pod index has a terminated trainer container yet (the pod watch lags the Job watch
    under load, or the index has not seen the pod at all), it returns `Failed/NoResult` at once.
@@ -149,7 +168,7 @@ PROPOSALS = """
    virtual-hosted name on an IP address even with path-style addressing), so it needs a DNS
    name for the endpoint; measure it against the classic client before adopting it.
    The client spends ~2.5-3 ms of CPU per MB here (client CPU column), the server ~1.3 ms.
-7. **Local cluster (`hack/cluster/localcluster.py`)**: the controller manager runs with the
+7. **Done in part (QPS and burst, 2026-12-02).** **Local cluster (`hack/cluster/localcluster.py`)**: the controller manager ran with the
    default `--kube-api-qps=20 --kube-api-burst=30 --concurrent-job-syncs=5`, so
    "→ Succeeded − run" at N = 1,000 is bounded by the Job controller (it creates every pod and
    updates every Job status), not by the operator; `--kube-api-qps=200 --kube-api-burst=400
