@@ -119,10 +119,11 @@ NOTES = {
 PROPOSALS = """
 ## Proposed changes (1-4 done; 5 in part by issue 14; the rest are next steps)
 
-1. **Done after these runs.** **Correctness — `operator/reconcile/status.py`, `_job_verdict`** (since issue 14 `verdicts.py`, `completed`; the `Complete` /
-   `SuccessCriteriaMet` branch): when the Job is complete but no pod of the attempt in the
-   operator's pod index has a terminated trainer container yet (the pod watch lags the Job watch
-   under load, or the index has not seen the pod at all), it returns `Failed/NoResult` at once.
+1. **Done after these runs.** **Correctness — `operator/reconcile/status.py`, `_job_verdict`**
+   (since issue 14 `verdicts.py`, `completed`; the `Complete` / `SuccessCriteriaMet` branch):
+   when the Job is complete but no pod of the attempt in the operator's pod index has a
+   terminated trainer container yet (the pod watch lags the Job watch under load, or the index
+   has not seen the pod at all), it returns `Failed/NoResult` at once.
    Seen in 3 of 6 burst runs on 2026-11-23: 21 of 1,000 LoRAJobs (the earlier full run, see
    "Earlier runs"), 7 of 1,000 (a run aborted by another suite's API server restart) and 1 of
    100 (a restart burst); not in the last run, at lower load (the pod watch must lag the Job
@@ -168,8 +169,9 @@ PROPOSALS = """
    virtual-hosted name on an IP address even with path-style addressing), so it needs a DNS
    name for the endpoint; measure it against the classic client before adopting it.
    The client spends ~2.5-3 ms of CPU per MB here (client CPU column), the server ~1.3 ms.
-7. **Done in part (QPS and burst, 2026-12-02).** **Local cluster (`hack/cluster/localcluster.py`)**: the controller manager ran with the
-   default `--kube-api-qps=20 --kube-api-burst=30 --concurrent-job-syncs=5`, so
+7. **Done in part (QPS and burst, 2026-12-02).** **Local cluster
+   (`hack/cluster/localcluster.py`)**: the controller manager ran with the default
+   `--kube-api-qps=20 --kube-api-burst=30 --concurrent-job-syncs=5`, so
    "→ Succeeded − run" at N = 1,000 is bounded by the Job controller (it creates every pod and
    updates every Job status), not by the operator; `--kube-api-qps=200 --kube-api-burst=400
    --concurrent-job-syncs=50` would make the local cluster a fairer stand-in for a real one.
@@ -243,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the sizes --compare also runs the baseline at (default: all)")
     parser.add_argument("--restart-sizes", default=None,
                         help="the sizes also run with a restart mid-burst (default: all)")
+    parser.add_argument("--jobs-only-sizes", default=None,
+                        help="the sizes whose bursts stop once every Job exists instead of "
+                             "waiting for Succeeded (e.g. 10000, paced by the local control plane)")
     args = parser.parse_args(argv)
     if args.compare is not None and not (args.compare / "operator" / "cli.py").is_file():
         parser.error(f"--compare {args.compare}: no operator/cli.py there")
@@ -254,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         + (" --quick" if args.quick else "") + (f" --sizes {args.sizes}" if args.sizes else "") \
         + (f" --compare {args.compare}" if args.compare else "") \
         + (f" --compare-sizes {args.compare_sizes}" if args.compare_sizes else "") \
-        + (f" --restart-sizes {args.restart_sizes}" if args.restart_sizes else "")
+        + (f" --restart-sizes {args.restart_sizes}" if args.restart_sizes else "") \
+        + (f" --jobs-only-sizes {args.jobs_only_sizes}" if args.jobs_only_sizes else "")
     write = (args.write or not args.quick) and not args.no_write
     data = report.previous() if write else {}
     t0 = time.monotonic()
@@ -311,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                 sizes = _sizes(args.sizes) or ([20] if args.quick else [100, 1000])
                 compared = _sizes(args.compare_sizes) or sizes if args.compare else []
                 restarted = _sizes(args.restart_sizes) or sizes
+                jobs_only = _sizes(args.jobs_only_sizes)
                 burst: dict[str, Any] = {"sizes": sizes, "runs": []}
                 if args.compare is not None:
                     burst["baseline"] = {"label": baseline_label(args.compare), "runs": []}
@@ -320,11 +327,13 @@ def main(argv: list[str] | None = None) -> int:
                         for restart in (False, True) if n in restarted else (False,):
                             if args.compare is not None and n in compared:  # before, then after
                                 old = operator_burst.run_burst(ci, n, restart=restart,
-                                                               operator_src=args.compare)
+                                                               operator_src=args.compare,
+                                                               until_succeeded=n not in jobs_only)
                                 burst["baseline"]["runs"].append(old)
                                 operator_burst.delete_namespace(api, old["namespace"], wait=30)
                             keep = "steady" in parts and n == max(sizes) and not restart
-                            res = operator_burst.run_burst(ci, n, restart=restart, keep=keep)
+                            res = operator_burst.run_burst(ci, n, restart=restart, keep=keep,
+                                                           until_succeeded=n not in jobs_only)
                             kept = res.pop("_keep", None)
                             burst["runs"].append(res)
                             if kept is not None:

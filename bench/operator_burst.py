@@ -508,10 +508,13 @@ def operator_events(api: Api, ns: str) -> int:
 
 def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.0,
               timeout: float | None = None, keep: bool = False,
-              operator_src: Path | None = None) -> dict[str, Any]:
+              operator_src: Path | None = None, until_succeeded: bool = True) -> dict[str, Any]:
     """One burst of `n` LoRAJobs; returns its figures. With keep=True the namespace and the
     operator stay (for the steady-state measurement): result['_keep'] = (ns, Operator, api).
-    `operator_src`: run the operator of another tree (a comparison's baseline)."""
+    `operator_src`: run the operator of another tree (a comparison's baseline).
+    `until_succeeded=False` stops once every Job exists: at N = 10,000 the local control
+    plane, not the operator, paces the rest (about 3 Succeeded/s), and the row's goals are
+    apply → Job and memory; the result says how many had succeeded by then."""
     import concurrent.futures
 
     api = Api(str(ci.kubeconfig), pool_size=APPLY_THREADS + 8)
@@ -529,7 +532,7 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
         Watcher(watch_api, f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}", stamps.on_lorajob),
     ]
     result: dict[str, Any] = {"n": n, "restart": restart, "run_seconds": run_seconds,
-                              "namespace": ns}
+                              "namespace": ns, "until_succeeded": until_succeeded}
     try:
         op.start()
         result["operator_start_seconds"] = op.wait_ready()
@@ -588,7 +591,7 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
         while time.monotonic() < deadline:
             with stamps.lock:
                 jobs, done = len(stamps.job_seen), len(stamps.done)
-            if done >= n and jobs >= n:
+            if jobs >= n and (done >= n or not until_succeeded):
                 break
             if jobs + done != last_count:
                 last_count, last_progress = jobs + done, time.monotonic()
@@ -616,7 +619,7 @@ def run_burst(ci: Any, n: int, *, restart: bool = False, run_seconds: float = 2.
                          for o in (ll or {}).get("items", []))
         lost = sum(1 for name in bodies if per_owner.get(name, 0) == 0)
         duplicated = sum(1 for name in bodies if per_owner.get(name, 0) > 1)
-        not_succeeded = n - phases.get("Succeeded", 0)
+        not_succeeded = n - phases.get("Succeeded", 0) if until_succeeded else 0
         odd = [{"name": o["metadata"]["name"], "jobs": per_owner.get(o["metadata"]["name"], 0),
                 "seen_done": stamps.done.get(o["metadata"]["name"]),
                 "status": {k: v for k, v in (o.get("status") or {}).items()
