@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import types
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -35,12 +36,26 @@ def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
 
 
-def install() -> None:
-    """Decode kopf's watch streams with `loads` (idempotent)."""
+class WatchDecoder:
+    """kopf's watch-line decoder: `loads`, then `after` on the decoded event."""
+
+    def __init__(self, after: Callable[[Any], Any] | None = None) -> None:
+        self.after = after
+
+    def __call__(self, data: str | bytes) -> Any:
+        event = loads(data)
+        return event if self.after is None else self.after(event)
+
+
+def install(after: Callable[[Any], Any] | None = None) -> None:
+    """Decode kopf's watch streams with `loads` and then `after` (installing again replaces
+    `after`; the rest of kopf's `json` stays the standard library's)."""
     from kopf._cogs.clients import api as kopf_api
 
-    if getattr(kopf_api.json, "loads", None) is loads:  # type: ignore[attr-defined]
+    current = getattr(kopf_api.json, "loads", None)  # type: ignore[attr-defined]
+    if isinstance(current, WatchDecoder):
+        current.after = after
         return
     shim = types.SimpleNamespace(**{name: getattr(json, name) for name in json.__all__})
-    shim.loads = loads
+    shim.loads = WatchDecoder(after)
     kopf_api.json = shim  # type: ignore[attr-defined,assignment]

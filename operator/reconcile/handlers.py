@@ -35,6 +35,7 @@ import kopf
 
 from lora_operator import api, metrics
 from lora_operator.build import names
+from lora_operator.reconcile import projection
 from lora_operator.reconcile.controller import Controller, Key, Obj
 from lora_operator.reconcile.status import Event
 
@@ -93,24 +94,12 @@ def _ctl(kwargs: Mapping[str, Any]) -> Controller:
     return _controller
 
 
-def _snapshot(body: Any, spec_keys: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """A private copy of a watched object (kopf reuses its body views), without what the
-    controller never reads: `metadata.managedFields` always, and with `spec_keys` only those
-    keys of the spec. The indexes hold every LoRAJob, Job and pod for the operator's life, so
-    at a thousand jobs the pod spec (env, volumes, probes) and the Job's pod template were
-    most of the operator's memory and of the CPU spent copying."""
-    out = {k: copy.deepcopy(v) for k, v in body.items() if k not in ("metadata", "spec")}
-    out["metadata"] = {k: copy.deepcopy(v) for k, v in (body.get("metadata") or {}).items()
-                       if k != "managedFields"}
-    spec = body.get("spec") or {}
-    out["spec"] = {k: copy.deepcopy(v) for k, v in spec.items()
-                   if spec_keys is None or k in spec_keys}
-    return out
-
-
-# What `status.derive_status` and the controller read of a Job's spec (of a pod's: its node
-# and its containers' names and resources, see `pod_index`).
-JOB_SPEC_KEYS = ("suspend", "activeDeadlineSeconds", "backoffLimit", "completions", "parallelism")
+def _snapshot(body: Any) -> dict[str, Any]:
+    """A private copy of a watched object (kopf reuses its body views), trimmed as the watch
+    decoder trims it (projection.py). The indexes hold every LoRAJob, Job and pod for the
+    operator's life; trimming here as well keeps them small when an object reached kopf
+    some other way."""
+    return projection.project(copy.deepcopy(dict(body)))
 
 
 # --------------------------------------------------------------------------- indexes
@@ -137,15 +126,12 @@ async def lorajob_index(**kw: Any) -> dict[Key, Obj]:
 
 @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS, when=mine)
 async def job_index(**kw: Any) -> dict[Key, Obj]:
-    return {_owner_key(kw): _snapshot(kw["body"], JOB_SPEC_KEYS)}
+    return {_owner_key(kw): _snapshot(kw["body"])}
 
 
 @kopf.index("", "v1", "pods", labels=CHILD_LABELS, when=mine)
 async def pod_index(**kw: Any) -> dict[Key, Obj]:
-    pod = _snapshot(kw["body"], ("nodeName",))
-    pod["spec"]["containers"] = [{"name": c.get("name"), "resources": copy.deepcopy(c.get("resources"))}
-                                 for c in (kw["body"].get("spec") or {}).get("containers") or []]
-    return {_owner_key(kw): pod}
+    return {_owner_key(kw): _snapshot(kw["body"])}
 
 
 # --------------------------------------------------------------------------- events

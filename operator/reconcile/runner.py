@@ -99,12 +99,12 @@ def _share_credentials(client: ApiClient) -> None:
 
 def run_operator(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM; returns the process exit status."""
-    from lora_operator.reconcile import fastjson, handlers, sweep_handlers
+    from lora_operator.reconcile import handlers, projection, sweep_handlers
     from lora_operator.reconcile.controller import Controller
     from lora_operator.reconcile.kube import ApiClient, Kube
     from lora_operator.reconcile.sweep_controller import SweepController, SweepKube
 
-    fastjson.install()  # kopf's watch streams decoded with orjson
+    projection.install()  # kopf's watch streams decoded with orjson, every object trimmed
     verbose = bool(getattr(args, "verbose", False))
     kopf.configure(verbose=verbose, log_format=_log_format(args))
     if not verbose:  # "Handler 'pod_event' succeeded." for every watch event is noise

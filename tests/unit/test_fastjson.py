@@ -27,12 +27,16 @@ def test_kopf_still_decodes_watch_lines_with_its_module_json() -> None:
 
 
 def test_install_routes_kopf_watch_decoding_through_orjson() -> None:
+    seen: list[object] = []
     fastjson.install()
-    fastjson.install()  # idempotent
-    assert kopf_api.json.loads is fastjson.loads
+    fastjson.install(after=lambda e: seen.append(e) or e)  # replaces `after`, keeps one shim
+    assert isinstance(kopf_api.json.loads, fastjson.WatchDecoder)
     assert kopf_api.json.dumps is json.dumps  # the rest is the standard library's
     line = json.dumps(EVENT).encode()
     assert kopf_api.json.loads(line.decode("utf-8")) == EVENT
+    assert seen == [EVENT]
+    fastjson.install()
+    assert kopf_api.json.loads(line.decode("utf-8")) == EVENT and len(seen) == 1
 
 
 def test_loads_matches_the_standard_library() -> None:

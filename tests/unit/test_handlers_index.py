@@ -18,8 +18,8 @@ MANAGED = [{"manager": "kube-controller-manager", "operation": "Update",
 
 
 def real_job(*conds: tuple[str, str], **kw: Any) -> dict[str, Any]:
-    """`test_status.job` with everything a served Job has: our pod template, managedFields."""
-    out = job(*conds, **kw)
+    """`test_status.job` with everything a served Job has: kind, our pod template, managedFields."""
+    out = {"apiVersion": "batch/v1", "kind": "Job", **job(*conds, **kw)}
     built = build()
     out["spec"] = {**built["spec"], **out["spec"]}
     out["metadata"]["managedFields"] = MANAGED
@@ -27,8 +27,9 @@ def real_job(*conds: tuple[str, str], **kw: Any) -> dict[str, Any]:
 
 
 def real_pod(phase: str, **kw: Any) -> dict[str, Any]:
-    """`test_status.pod` with the trainer's whole container (env, volumes, security context)."""
-    out = pod(phase, **kw)
+    """`test_status.pod` with its kind and the trainer's whole container (env, volumes,
+    security context)."""
+    out = {"apiVersion": "v1", "kind": "Pod", **pod(phase, **kw)}
     template = build()["spec"]["template"]["spec"]
     container = {**template["containers"][0], **out["spec"]["containers"][0]}
     out["spec"] = {**template, **out["spec"], "containers": [container]}
