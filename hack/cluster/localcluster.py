@@ -52,23 +52,25 @@ SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
 FIELD_MANAGER = "lora-local-cluster"
 
-# Fixed, uncommon loopback ports. If any is taken on the first `up`, free ephemeral ports are
-# picked instead; whatever was chosen is kept in .cluster/ports.json and reused.
+# Fixed, uncommon loopback ports, below Linux's ephemeral range (32768-60999) so that no
+# outgoing connection can be holding one when the cluster starts. If any is taken on the
+# first `up`, free ephemeral ports are picked instead; whatever was chosen is kept in
+# .cluster/ports.json and reused.
 DEFAULT_PORTS = {
-    "etcd": 36301,
-    "etcd_peer": 36302,
-    "apiserver": 36303,
-    "controller_manager": 36304,
-    "scheduler": 36305,
-    "kwok": 36306,
-    "s3": 36307,
-    "weed_master": 36308,
-    "weed_volume": 36309,
-    "weed_filer": 36310,
-    "weed_master_grpc": 36318,
-    "weed_volume_grpc": 36319,
-    "weed_filer_grpc": 36320,
-    "s3_grpc": 36317,
+    "etcd": 26301,
+    "etcd_peer": 26302,
+    "apiserver": 26303,
+    "controller_manager": 26304,
+    "scheduler": 26305,
+    "kwok": 26306,
+    "s3": 26307,
+    "weed_master": 26308,
+    "weed_volume": 26309,
+    "weed_filer": 26310,
+    "weed_master_grpc": 26318,
+    "weed_volume_grpc": 26319,
+    "weed_filer_grpc": 26320,
+    "s3_grpc": 26317,
 }
 
 BINARIES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok", "helm", "weed"]
