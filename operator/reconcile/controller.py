@@ -51,7 +51,7 @@ from lora_operator import api, contract, metrics
 from lora_operator.build import config_map, job, names, rbac
 from lora_operator.plan import policy
 from lora_operator.reconcile import manifest as manifests
-from lora_operator.reconcile import planning, preflight
+from lora_operator.reconcile import planning, preflight, projection
 from lora_operator.reconcile.backoff import Backoff
 from lora_operator.reconcile.children import attempt_of, parse_result, trainer_state
 from lora_operator.reconcile.kube import (
@@ -107,6 +107,24 @@ def _newest(*objs: Obj | None) -> Obj | None:
     """The freshest of several copies of one object (watch cache vs our own writes)."""
     present = [o for o in objs if o]
     return max(present, key=_rv) if present else None
+
+
+def _remember(written: dict[K, Obj], key: K, obj: dict[str, Any]) -> None:
+    """Keep our own write's response until the watch delivers it, trimmed in place as the
+    watch trims what it delivers (projection.py): both copies read the same, and the bridge
+    is small."""
+    written[key] = projection.project(obj)
+
+
+def _echoed(written: dict[K, Obj], key: K, body: Obj) -> bool:
+    """Whether `body` is our own last write to `key` coming back through the watch; then
+    the bridge copy goes, since kopf indexes an event before its handlers run, so the index
+    holds that version now (kept, every finished job's final status write stayed twice)."""
+    mine = written.get(key)
+    if mine is None or _rv(mine) != _rv(body):
+        return False
+    del written[key]
+    return True
 
 
 def _fresher(seen: Obj | None, written: dict[K, Obj], key: K) -> Obj | None:
@@ -281,14 +299,12 @@ class Controller(CallsIO):
     def is_echo(self, key: Key, body: Obj) -> bool:
         """Whether a LoRAJob event only echoes our own last status write: that state was
         derived from, so reconciling it again would change nothing."""
-        mine = self._written.get(key)
-        return mine is not None and _rv(mine) == _rv(body)
+        return _echoed(self._written, key, body)
 
     def is_job_echo(self, key: Key, body: Obj) -> bool:
         """Whether a Job event only echoes our own create or patch of that Job."""
         name = (body.get("metadata") or {}).get("name") or ""
-        mine = self._jobs_written.get(key, {}).get(name)
-        return mine is not None and _rv(mine) == _rv(body)
+        return _echoed(self._jobs_written.get(key, {}), name, body)
 
     def forget(self, key: Key) -> None:
         """The LoRAJob is gone: drop our caches and timers (its children follow via GC)."""
@@ -328,7 +344,7 @@ class Controller(CallsIO):
         patch = contract.redact_messages(patch)  # presigned URLs are credentials
         out = await self._io(self.kube.patch_status, key[0], key[1], patch, rv)
         if out is not None:
-            self._written[key] = out
+            _remember(self._written, key, out)
             phase = (out.get("status") or {}).get("phase")
             if phase and phase != (body.get("status") or {}).get("phase"):
                 metrics.TRANSITIONS.labels(phase=phase).inc()
@@ -339,7 +355,7 @@ class Controller(CallsIO):
         fresh = await self._io(self.kube.read_lorajob, key[0], key[1])
         if fresh is None:
             return None
-        self._written[key] = fresh
+        _remember(self._written, key, fresh)
         return fresh
 
     # ------------------------------------------------------------------ the loop
@@ -479,7 +495,7 @@ class Controller(CallsIO):
             dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         updated = await self._io(self.kube.set_job_annotation, meta.get("namespace") or key[0],
                                  meta.get("name") or "", VERIFIED_ANNOTATION, stamp)
-        self._jobs_written.setdefault(key, {})[meta.get("name") or ""] = updated
+        _remember(self._jobs_written.setdefault(key, {}), meta.get("name") or "", updated)
         return stamp
 
     def _recheck_delay(self, key: Key, current: Obj | None) -> float:
@@ -659,7 +675,7 @@ class Controller(CallsIO):
             metrics.JOBS_CREATED.inc()
             log.info("created Job %s/%s (attempt %d)", owner.namespace,
                      manifest["metadata"]["name"], attempt)
-        self._jobs_written.setdefault(key, {})[manifest["metadata"]["name"]] = created
+        _remember(self._jobs_written.setdefault(key, {}), manifest["metadata"]["name"], created)
         return created
 
     async def _sync_suspend(self, key: Key, owner: names.Owner, current: Obj,
@@ -676,7 +692,7 @@ class Controller(CallsIO):
             return current
         name = (current.get("metadata") or {}).get("name") or ""
         updated = await self._io(self.kube.set_job_suspend, owner.namespace, name, want)
-        self._jobs_written.setdefault(key, {})[name] = updated
+        _remember(self._jobs_written.setdefault(key, {}), name, updated)
         return updated
 
     async def _manifest(self, key: Key, body: Obj, spec: api.LoRAJobSpec, current: Obj | None,
