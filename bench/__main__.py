@@ -40,43 +40,46 @@ NOTES = {
         "the operator's event loop is one core, and it shares the machine's two with etcd, the "
         "API server (about one core of its own during a burst), the controller manager, kwok "
         "and the load generator, so the absolute rate is a floor; read the before/after table, "
-        "measured side by side in one run. Issue 14 doubled it (13.0 → 28.2 jobs/s) and cut "
-        "CPU per job from 108 to 49 ms: a keyed work queue instead of a reconcile per watch "
-        "event, new LoRAJobs first, raw aiohttp instead of the typed client, no kopf diff "
-        "base, GC thresholds raised after a start-up freeze (GC 26 → 7 s per 1,000 jobs), "
-        "orjson for the watch streams, index handlers without a thread hop, and two O(jobs) "
-        "scans per reconcile gone. What is left on the path to a Job is kopf's per-event work "
-        "on three watch streams (a third of the operator's CPU in the profile: decoding, "
-        "per-object workers, indexing), five creates over TLS and planning. Next step: a "
-        "watcher of our own that keeps a projection at decode time and feeds the work queue "
-        "directly (kopf kept for peering), then a machine whose control plane has its own "
-        "cores."),
+        "measured side by side in one run: issue 14 took N = 1,000 from 14.7 to 26.4 jobs/s "
+        "(1.8×) and CPU per job from 105 to 51 ms. What it changed: a keyed work queue instead "
+        "of a reconcile per watch event, new LoRAJobs first, raw aiohttp instead of the typed "
+        "client, no kopf diff base, GC thresholds raised after a start-up freeze, orjson for "
+        "the watch streams, watched objects trimmed as they are decoded, index handlers "
+        "without a thread hop, and no O(jobs) scan per reconcile. What is left on the path to "
+        "a Job is kopf's per-event work on three watch streams (a third of the operator's CPU "
+        "in the profile: per-object workers, indexing), five creates over TLS and planning. "
+        "Next step: a watcher of our own that feeds the work queue directly (kopf kept for "
+        "peering), then a machine whose control plane has its own cores."),
     "burst_p99": (
         "follows from the rate on these 2 shared cores: the last of N LoRAJobs gets its Job "
-        "after ≈ N / rate (N = 100 met it: p99 3.2 s). New LoRAJobs go first in the work "
-        "queue, so status work of running jobs does not delay them. Next step: the rate "
-        "(above)."),
+        "after ≈ N / rate (N = 100 met it: p99 2.7 s, 4.2 s with a restart). New LoRAJobs go "
+        "first in the work queue, so status work of running jobs does not delay them. Next "
+        "step: the rate (above)."),
     "burst_rss": (
-        "the peak is the restart burst (305 MB; 245 MB without a restart, 439 and 663 MB "
-        "before issue 14). A memray profile of a 1,000-job burst puts half of the heap at its "
-        "peak in decoded watch events waiting in kopf's per-object queues while the operator "
-        "is behind, not in the indexes (their projections are about 5 KB per object), and "
-        "glibc's mmap threshold made no difference (243 vs 246 MB). Next step: project each "
-        "event as it is decoded, before it is queued (the watcher above), so a backlog holds "
-        "kilobytes per object instead of whole pods and Jobs."),
+        "230 MB at N = 1,000 (448 MB before issue 14; 167 vs 660 MB in the restart burst, "
+        "whose peak is split over two processes). About 115 MB of it is the process at N = 100 "
+        "(Python, kopf, aiohttp, pydantic, the planner's tables). A memray profile put half of "
+        "the heap at the peak in watch events waiting in kopf's per-object queues while the "
+        "operator is behind; those events are now trimmed as they are decoded "
+        "(`reconcile/projection.py`: no managedFields, a pod's spec cut to its node and "
+        "containers' resources, a Job's to the keys the controller reads), which took the "
+        "N = 10,000 peak from about 1.1 GB to 354 MB; at N = 1,000, where the backlog is "
+        "shorter, the peak was 245 MB in the run before it and 230 MB in this one. Next step: a bounded backlog "
+        "(a watcher of our own that keeps only the newest event per object, as the work queue "
+        "keeps only a key)."),
     "huge_rss": (
-        "grows with the backlog, which grows with the burst: 10,000 LoRAJobs created in "
-        "2 minutes leave the operator thousands of watch events behind, each held whole "
-        "(see the RSS note above). Next step: the same (projection at decode time, a bounded "
-        "backlog)."),
+        "354 MB (about 1.1 GB before watched objects were trimmed at decode time, the same "
+        "day): 10,000 LoRAJobs created in 137 s leave the operator thousands of watch events "
+        "behind, and kopf queues each one until its object's worker runs. Next step: the "
+        "bounded backlog above."),
     "huge_rate": (
-        "the control plane on the same two cores slows with the number of objects (10,000 "
-        "LoRAJobs, Jobs, pods, ServiceAccounts, Roles, RoleBindings and ConfigMaps in one "
-        "namespace; the API server held 2.5 GB), and so does everything sharing it. "
-        "In the 2026-12-02 run a full `make test` started on the same machine 18 minutes "
-        "into this burst, after every Job existed: jobs/s and p99 → Job are not affected, "
-        "\"→ Succeeded\" and CPU per job are. Next step: measure on a cluster whose control "
-        "plane has its own cores."),
+        "during this burst the API server used 94 % of a core and 2.7 GB (10,000 LoRAJobs, "
+        "Jobs, pods, ServiceAccounts, Roles, RoleBindings and ConfigMaps in one namespace) "
+        "and the operator 31 %: at N = 10,000 the rate is the control plane's on these two "
+        "shared cores, not the operator's. The burst stops once every Job exists "
+        "(`--jobs-only-sizes`): Succeeded is paced by the local Job controller and kwok "
+        "(about 3 per second). Next step: measure on a cluster whose control plane has its "
+        "own cores."),
     "burst_writes": (
         "the writes left per successful job: ServiceAccount, Role, RoleBinding, ConfigMap and "
         "the Job (5 creates: the per-job identity the trainer's token is scoped to, issue 13), "

@@ -244,7 +244,11 @@ def burst_section(data: dict[str, Any]) -> str:
                   f"CPU per job {fmt(a['operator_cpu_ms_per_job'], 0)} → "
                   f"{fmt(z['operator_cpu_ms_per_job'], 0)} ms; requests per job (operator) "
                   f"{fmt(a['requests']['operator_per_job'], 1)} → "
-                  f"{fmt(z['requests']['operator_per_job'], 1)}.", ""]
+                  f"{fmt(z['requests']['operator_per_job'], 1)}"
+                  + ("" if z.get("until_succeeded", True) else
+                     f" (the N = {hi:,} burst stopped once every Job existed: its CPU and "
+                     "requests per job cover the way to the Job, not to Succeeded)")
+                  + ".", ""]
     lines += comparison_lines(b)
     rs = [r for r in runs if r["restart"] and isinstance(r.get("restart"), dict)]
     for r in rs:
@@ -315,7 +319,7 @@ def comparison_lines(b: dict[str, Any]) -> list[str]:
                 f"| {fmt(x.get('operator_writes_per_job', math.nan), 1)} "
                 f"| {fmt(x.get('operator_events_per_job', math.nan), 1)} "
                 f"| {fmt(x.get('operator_gc_seconds'), 1)} "
-                f"| {x['lost']} | {x['duplicated']} | {x.get('not_succeeded', 0)} |")
+                f"| {x['lost']} | {x['duplicated']} | {_not_succeeded(x)} |")
     lines.append("")
     for (n, restart), old in sorted(before.items()):
         new = next((r for r in b.get("runs") or []

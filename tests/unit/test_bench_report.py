@@ -156,3 +156,16 @@ def test_the_scale_row_has_its_own_goals_and_leaves_n_1000_alone() -> None:
     rows = {r[0]: r for r in report.goal_rows(slow)}
     assert not rows["Throughput at N = 10,000 relative to N = 1,000"][4]
     assert not rows["Operator peak RSS, N = 10,000"][4]
+
+
+def test_a_burst_stopped_at_jobs_says_so_instead_of_a_not_succeeded_count() -> None:
+    huge = {**_run(10_000, False, 30.0, 60.0, 350.0), "until_succeeded": False,
+            "phases": {"Succeeded": 685, "Running": 9315}}
+    data = {"burst": {"sizes": [1000, 10_000],
+                      "runs": [_run(1000, False, 40.0, 6.0, 190.0), huge]}}
+    page = report.burst_section(data)
+    assert "not waited for (685 Succeeded when the last Job appeared)" in page
+    assert "stopped once every Job existed" in page
+    assert report.figures(data)["burst_lost"] == 0  # not counted as lost
+    waited = {"burst": {"runs": [_run(1000, False, 40.0, 6.0, 190.0)]}}
+    assert "stopped once" not in report.burst_section(waited)
