@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 
 from lora_operator import api, sweep_api
-from lora_operator.reconcile import sweep
+from lora_operator.reconcile import projection, sweep
 from lora_operator.reconcile.handlers import mine, post_event
 from lora_operator.reconcile.sweep_controller import Key, Obj, SweepController
 
@@ -62,13 +62,10 @@ def _ctl(kw: Mapping[str, Any]) -> SweepController:
 
 
 def _copy(body: Any, drop_spec: bool) -> dict[str, Any]:
-    """A private copy without managedFields (and without the spec, for trials: the sweep
-    reads only their metadata and status)."""
-    out = {k: copy.deepcopy(v) for k, v in body.items()
-           if k != "metadata" and not (drop_spec and k == "spec")}
-    out["metadata"] = {k: copy.deepcopy(v) for k, v in (body.get("metadata") or {}).items()
-                       if k != "managedFields"}
-    return out
+    """A private copy, trimmed as the watch trims (projection.py), and without the spec for
+    trials: the sweep reads only their metadata and status."""
+    kept = {k: v for k, v in body.items() if not (drop_spec and k == "spec")}
+    return projection.project(copy.deepcopy(kept))
 
 
 @kopf.index(api.GROUP, api.VERSION, sweep_api.PLURAL, when=mine)
