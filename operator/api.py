@@ -588,7 +588,8 @@ class Placement(ApiModel):
 
 
 class Progress(ApiModel):
-    """Live training progress, patched by the trainer (at most every 5 s)."""
+    """Live training progress: the trainer prints it, the operator reads it from the pod's
+    log and writes it here (at most every `progressIntervalSeconds`)."""
 
     step: int | None = Field(default=None, description="Optimizer steps done.")
     total_steps: int | None = Field(default=None, description="Optimizer steps planned.")

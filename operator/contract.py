@@ -8,12 +8,13 @@ it cannot drift apart.
 from __future__ import annotations
 
 import enum
+import json
 import re
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from lora_operator.api import ApiModel, LoRAJobSpec, Placement
+from lora_operator.api import ApiModel, LoRAJobSpec, Placement, Progress
 
 CONFIG_ENV = "LORA_TRAINER_CONFIG"
 CONFIG_DIR = "/etc/lora-trainer"
@@ -21,7 +22,10 @@ CONFIG_KEY = "trainer.yaml"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_MESSAGE_ENV = "LORA_TERMINATION_MESSAGE_PATH"
 RESULT_MAX_BYTES = 4096
-PROGRESS_FIELD_MANAGER = "lora-trainer"
+# The trainer prints progress as JSON lines `{"event": "progress", <api.Progress fields>}` on
+# stdout; the operator reads the newest from the pod's log (the trainer holds no API token).
+PROGRESS_EVENT = "progress"
+PROGRESS_LINE_MAX_CHARS = 2048
 # S3 keys of a Secret named by spec.*.credentialsSecret, and the env prefixes under which the
 # trainer pod receives them: the output's keys keep the plain AWS names; a base model or
 # dataset with a Secret of its own gets them prefixed, so each location uses its own keys.
@@ -75,15 +79,12 @@ class JobIdentity(ApiModel):
 
 
 class TrainerConfig(ApiModel):
-    """What the operator renders into the ConfigMap the trainer pod reads."""
+    """What the operator renders into the file the trainer pod reads (`CONFIG_DIR`)."""
 
     job: JobIdentity
     spec: LoRAJobSpec
     placement: Placement
     checkpoint_uri: str = Field(description="Where checkpoints go (beside the output).")
-    report_progress: bool = Field(default=True,
-                                  description="Patch LoRAJob status.progress through the API.")
-    progress_interval_seconds: float = Field(default=5.0, ge=1.0)
     allowed_output_prefixes: list[str] | None = Field(default=None, description=(
         "Storage prefixes this job's namespace may write under (operator setting "
         "storagePrefixes); the trainer refuses any other output. None: unrestricted."))
@@ -149,3 +150,27 @@ def uri_under(uri: str, prefixes: list[str]) -> bool:
 def checkpoint_uri_for(output_uri: str, job_uid: str) -> str:
     """Checkpoints live beside the adapter, under a prefix private to the job's uid."""
     return output_uri.rstrip("/") + f"/.checkpoints/{job_uid}/"
+
+
+def last_progress(log_tail: str) -> Progress | None:
+    """The newest progress line in the tail of a trainer's log, or None.
+
+    The log is written by the tenant's pod, so a line is trusted for nothing but its own
+    job's progress: over-long lines, other events and anything that is not an
+    `api.Progress` with a step (unknown keys, wrong types) are skipped."""
+    for line in reversed(log_tail.splitlines()):
+        if len(line) > PROGRESS_LINE_MAX_CHARS or f'"{PROGRESS_EVENT}"' not in line:
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(data, dict) or data.pop("event", None) != PROGRESS_EVENT:
+            continue
+        try:
+            progress = Progress.model_validate(data)
+        except ValidationError:
+            continue
+        if progress.step is not None:  # an empty record would only erase the last one
+            return progress
+    return None

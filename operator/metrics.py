@@ -34,6 +34,9 @@ TTL_DELETIONS = Counter("lora_operator_ttl_deletions_total",
                         "Finished LoRAJobs deleted by runPolicy.ttlSecondsAfterFinished.")
 TRANSITIONS = Counter("lora_operator_phase_transitions_total",
                       "LoRAJob phase transitions, by the phase entered.", ["phase"])
+PROGRESS_READ_ERRORS = Counter(
+    "lora_operator_progress_read_errors_total",
+    "Reads of a running trainer's log for its progress that failed (node, timeout).")
 
 QUEUE_DEPTH = Gauge("lora_operator_workqueue_depth",
                     "Keys waiting in a work queue (not counting those being reconciled).",

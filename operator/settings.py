@@ -76,7 +76,9 @@ class Settings(_Model):
     trainer_shm_size: str = Field(default="8Gi", description=(
         "sizeLimit of the trainer pod's /dev/shm (memory-backed; counts against its memory)."))
     progress_interval_seconds: float = Field(default=5.0, ge=1.0, description=(
-        "Least time between two progress patches from a trainer."))
+        "How often the operator reads a running trainer's progress from its log, and the least "
+        "time between two status writes of a step that usually lasts moments (the pod "
+        "starting, the Job noticing its pod finished)."))
     preflight_cpu: str = Field(default="1", description="CPU request of dataset preflight pods.")
     preflight_memory: str = Field(default="4Gi", description=(
         "Memory of dataset preflight pods (request and limit): the dataset's rows and the "

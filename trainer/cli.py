@@ -95,8 +95,7 @@ def local_config(job_file: Path, output: str | None, device: str) -> TrainerConf
     job, text = read_manifest(job_file, output)
     identity = local_identity(job, text + (output or ""))
     return TrainerConfig(job=identity, spec=job.spec, placement=plan_local(job.spec, device),
-                         checkpoint_uri=checkpoint_uri_for(job.spec.output.uri, identity.uid),
-                         report_progress=False)
+                         checkpoint_uri=checkpoint_uri_for(job.spec.output.uri, identity.uid))
 
 
 # --------------------------------------------------------------------------- result

@@ -142,8 +142,7 @@ def run_job(config: TrainerConfig, ctx: RunContext, result: TrainerResult) -> Tr
     resume = checkpoints.latest(ctx.workdir / "resume")
     if resume is not None:
         progress.emit("resume", checkpoint=str(resume.name))
-    reporter = progress.ProgressReporter.create(job, config.report_progress,
-                                                config.progress_interval_seconds)
+    reporter = progress.ProgressReporter.create()
     trainer = _trainer(spec, config, ctx, precision, model, tokenizer, splits, steps, reporter,
                        checkpoints, main, run_dir)
     started = time.monotonic()
@@ -152,7 +151,6 @@ def run_job(config: TrainerConfig, ctx: RunContext, result: TrainerResult) -> Tr
     ctx.preemption.training = False
     result.train_seconds = round(time.monotonic() - started, 2)
     result.steps = int(trainer.state.global_step)
-    reporter.finish()
     if ctx.preemption.requested:
         raise TrainerError(ExitCode.PREEMPTED, f"stopped by SIGTERM at step {result.steps}; "
                                                "the checkpoint is in storage")

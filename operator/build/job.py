@@ -1,10 +1,14 @@
 """The trainer's batch/v1 Job: one pod on the right GPU node, failing fast on permanent errors.
 
-A pure function of the LoRAJob, its placement and the operator's settings. Everything the
-trainer needs arrives by reference: its config from a ConfigMap, credentials as
-`secretKeyRef` env (the operator never reads a secret's value), its API identity from the
-per-job ServiceAccount. The Pod failure policy is generated from `contract.ExitCode`, so the
-trainer's exit-code table and the Job's reaction to it cannot drift apart.
+A pure function of the LoRAJob, its placement and the operator's settings. The trainer pod
+holds no Kubernetes credentials at all (no ServiceAccount token is mounted): its config is
+an annotation of its own pod, read through a downwardAPI volume; storage credentials
+arrive as `secretKeyRef` env (the operator never reads a secret's value); it reports
+progress on stdout and its result in its termination message, both read by the operator.
+A trainer that runs hostile code therefore has nothing to forge a status with, and a job
+costs the API server one object (the Job) instead of five. The Pod failure policy is
+generated from `contract.ExitCode`, so the trainer's exit-code table and the Job's reaction
+to it cannot drift apart.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_operator import api, contract
-from lora_operator.build import names
+from lora_operator.build import names, trainer_config
 from lora_operator.settings import Settings, VramClass
 
 CONTAINER = "trainer"
@@ -166,12 +170,15 @@ def pod_security_context() -> dict[str, Any]:
     }
 
 
-def volumes(owner: names.Owner, disk: str = "100Gi", shm: str = "8Gi",
+def volumes(disk: str = "100Gi", shm: str = "8Gi",
             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(volumes, mounts): config read-only; /tmp, a model cache and /dev/shm writable, each
-    with a sizeLimit (a job cannot fill the node's disk or memory through them)."""
+    """(volumes, mounts): the config (the pod's `CONFIG_ANNOTATION`) read-only; /tmp, a
+    model cache and /dev/shm writable, each with a sizeLimit (a job cannot fill the node's
+    disk or memory through them)."""
+    config = {"path": contract.CONFIG_KEY, "fieldRef": {
+        "fieldPath": f"metadata.annotations['{names.CONFIG_ANNOTATION}']"}}
     vols: list[dict[str, Any]] = [
-        {"name": "config", "configMap": {"name": names.trainer_name(owner.name)}},
+        {"name": "config", "downwardAPI": {"items": [config]}},
         {"name": "tmp", "emptyDir": {"sizeLimit": disk}},
         {"name": "scratch", "emptyDir": {"sizeLimit": disk}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
@@ -186,7 +193,7 @@ def volumes(owner: names.Owner, disk: str = "100Gi", shm: str = "8Gi",
 
 
 def pod_annotations(owner: names.Owner, attempt: int = 1, dev_mode: bool = True,
-                    ) -> dict[str, str]:
+                    config: str = "") -> dict[str, str]:
     """Test/dev hook: `kwok.lorajob.dev/*` annotations of the LoRAJob, copied to the pod,
     only when the operator runs with `devMode` (a kwok test cluster): elsewhere a job's
     author must not steer how pods are simulated or reported (issue 13).
@@ -198,6 +205,8 @@ def pod_annotations(owner: names.Owner, attempt: int = 1, dev_mode: bool = True,
     prefix = names.KWOK_ANNOTATION_PREFIX
     mine = f"{prefix}attempt-{attempt}."
     out = {"kubectl.kubernetes.io/default-container": CONTAINER}
+    if config:
+        out[names.CONFIG_ANNOTATION] = config
     if not dev_mode:
         return out
     for key, value in owner.annotations.items():
@@ -246,7 +255,9 @@ def build_job(owner: names.Owner, spec: api.LoRAJobSpec, inputs: JobInputs,
     }
     if gpus > 0:
         resources["limits"][GPU_RESOURCE] = str(gpus)
-    vols, mounts = volumes(owner, settings.trainer_ephemeral_storage, settings.trainer_shm_size)
+    vols, mounts = volumes(settings.trainer_ephemeral_storage, settings.trainer_shm_size)
+    config = trainer_config.render(trainer_config.trainer_config(
+        owner, spec, inputs.placement, inputs.attempt, settings))
     container = {
         "name": CONTAINER,
         "image": settings.trainer_image,
@@ -262,9 +273,7 @@ def build_job(owner: names.Owner, spec: api.LoRAJobSpec, inputs: JobInputs,
                      **spec.resources.node_selector}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "serviceAccountName": names.trainer_name(owner.name),
-        # The ServiceAccount does not mount its token by default; only this pod opts in.
-        "automountServiceAccountToken": True,
+        "automountServiceAccountToken": False,  # no API identity: see the module docstring
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 120,  # time to write a last checkpoint on SIGTERM
         "securityContext": pod_security_context(),
@@ -290,7 +299,7 @@ def build_job(owner: names.Owner, spec: api.LoRAJobSpec, inputs: JobInputs,
         "template": {
             "metadata": {"labels": pod_labels,
                          "annotations": pod_annotations(owner, inputs.attempt,
-                                                        settings.dev_mode)},
+                                                        settings.dev_mode, config)},
             "spec": pod_spec,
         },
     }

@@ -23,6 +23,9 @@ ATTEMPT_LABEL = f"{api.GROUP}/attempt"
 VRAM_CLASS_LABEL = f"{api.GROUP}/vram-class"
 SPEC_HASH_ANNOTATION = f"{api.GROUP}/spec-hash"
 GPUS_ANNOTATION = f"{api.GROUP}/gpus"
+# On the trainer's pod template: its config (trainer_config.render), which a downwardAPI
+# volume turns into the file the trainer reads.
+CONFIG_ANNOTATION = f"{api.GROUP}/trainer-config"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # Which operator installation handles a LoRAJob (like Argo's instanceID): an operator started
 # with an instance name handles only LoRAJobs carrying this label with that value; one
@@ -78,11 +81,6 @@ def child_name(base: str, suffix: str) -> str:
 def job_name(lorajob: str, attempt: int) -> str:
     """The batch/v1 Job of one attempt: `<name>-a<attempt>`."""
     return child_name(lorajob, f"-a{attempt}")
-
-
-def trainer_name(lorajob: str) -> str:
-    """ServiceAccount, Role, RoleBinding and ConfigMap: `<name>-trainer`."""
-    return child_name(lorajob, "-trainer")
 
 
 def selector_labels(owner: Owner) -> dict[str, str]:

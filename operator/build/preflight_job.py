@@ -2,7 +2,8 @@
 
 A pure function of the LoRAJob and the operator's settings, like the trainer's Job
 (`build.job`), and built from the same parts so the two cannot drift: the trainer image
-and command, the rendered config ConfigMap, credentials as `secretKeyRef` env, the
+and command, the rendered config (an annotation read through a downwardAPI volume; no
+placement yet), credentials as `secretKeyRef` env, the
 restricted Pod Security context and volumes. What differs is what a CPU check needs: no
 GPU limit, no GPU toleration or affinity, no VRAM-class node selector, modest CPU and
 memory (`Settings.preflight_*`), and no API token: the report travels back as the
@@ -18,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from lora_operator import api, contract
-from lora_operator.build import job, names
+from lora_operator.build import job, names, trainer_config
 from lora_operator.settings import Settings
 
 CONTAINER = "preflight"
@@ -53,8 +54,10 @@ def pod_failure_policy() -> dict[str, Any]:
     ]}
 
 
-def pod_annotations(owner: names.Owner, dev_mode: bool) -> dict[str, str]:
+def pod_annotations(owner: names.Owner, dev_mode: bool, config: str = "") -> dict[str, str]:
     out = {"kubectl.kubernetes.io/default-container": CONTAINER}
+    if config:
+        out[names.CONFIG_ANNOTATION] = config
     if not dev_mode:
         return out
     for key, value in owner.annotations.items():
@@ -67,7 +70,9 @@ def build_preflight_job(owner: names.Owner, spec: api.LoRAJobSpec, settings: Set
                         dev_mode: bool = True) -> dict[str, Any]:
     """The preflight Job (see the module docstring)."""
     labels = {**names.labels(owner), COMPONENT_LABEL: COMPONENT}
-    vols, mounts = job.volumes(owner)
+    vols, mounts = job.volumes()
+    config = trainer_config.render(trainer_config.trainer_config(
+        owner, spec, api.Placement(), 1, settings))
     memory = settings.preflight_memory
     container = {
         "name": CONTAINER,
@@ -83,7 +88,6 @@ def build_preflight_job(owner: names.Owner, spec: api.LoRAJobSpec, settings: Set
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "serviceAccountName": names.trainer_name(owner.name),
         "automountServiceAccountToken": False,  # it reports through its termination message
         "enableServiceLinks": False,
         "securityContext": job.pod_security_context(),
@@ -107,7 +111,7 @@ def build_preflight_job(owner: names.Owner, spec: api.LoRAJobSpec, settings: Set
             "podFailurePolicy": pod_failure_policy(),
             "podReplacementPolicy": "Failed",
             "template": {"metadata": {"labels": labels,
-                                      "annotations": pod_annotations(owner, dev_mode)},
+                                      "annotations": pod_annotations(owner, dev_mode, config)},
                          "spec": pod_spec},
         },
     }

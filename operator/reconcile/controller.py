@@ -13,22 +13,30 @@ What it does, in order:
 2. no placement yet → validate the spec, plan through the estimator (or Fail at once with
    the reason and memory breakdown); the placement is written with step 6's patch, after
    the Job exists (before a dataset preflight, at once);
-3. no Job for the current attempt → create ServiceAccount, Role, RoleBinding, ConfigMap
-   side by side, then the Job, all by deterministic name (409 = adopt what this LoRAJob controls; someone
-   else's object fails the job with NameConflict, a refused create with ChildRejected);
+3. no Job for the current attempt → create it, its only child (the trainer's config rides
+   in its pod template), by deterministic name (409 = adopt what this LoRAJob controls;
+   someone else's object fails the job with NameConflict, a refused create with
+   ChildRejected);
 4. keep Job.spec.suspend in line with runPolicy.suspend (never unsuspending a Kueue job);
 5. a completed Job → verify the manifest in storage (`manifest.check`);
-6. derive the status (`status.derive_status`), patch it (optimistic concurrency), post
-   Events for milestones (`status.milestone`); after out-of-memory, re-plan one class up
-   and start the next attempt;
-7. Failed, for any reason → delete the attempt's unfinished Job so no GPU keeps burning.
+6. a running trainer → take the newest progress line of its log, which a reader reads off
+   this path at most every `progress_interval_seconds` (`progress_reader`; the trainer
+   holds no API token, see `build.job`);
+7. derive the status (`status.derive_status`), patch it (optimistic concurrency), post
+   Events for what needs attention (`status.milestone`); after out-of-memory, re-plan one
+   class up and start the next attempt;
+8. Failed, for any reason → delete the attempt's unfinished Job so no GPU keeps burning.
 
-The trainer's token may patch the LoRAJob's status, so no decision here rests on a status
-field the trainer can write: the attempt is counted from the Jobs this LoRAJob controls,
-a Job is built from a placement the operator planned (kept in memory, else re-planned),
-and Succeeded is final only when the operator recorded it on the Job
-(`VERIFIED_ANNOTATION`, a place the trainer cannot write). Failed needs no record: acting
-on it only stops the job, which the trainer could do anyway by exiting.
+Only the operator writes the status (the trainer pod has no credentials), so Succeeded,
+once written, is final. The attempt is still counted from the Jobs this LoRAJob controls
+and a Job is built from the placement the operator planned (kept in memory, else planned
+again), not from status fields: a status patch may be lost to a crash after the Job exists.
+
+Writes per job on the way to Succeeded: the Job, and the status at each phase a user acts
+on (the plan with the Job's outcome, Running, Succeeded). A step in between that usually
+lasts moments (the pod bound, its container starting, the pod done before its Job) is
+written only if it still holds a progress interval after it was first seen
+(`status.BRIEF_REASONS`).
 
 Errors are retried with per-key exponential backoff (`backoff.Backoff`), reset on success.
 """
@@ -48,10 +56,10 @@ from collections.abc import Callable, Coroutine, Hashable, Mapping
 from typing import Any, Protocol, TypeVar, overload
 
 from lora_operator import api, contract, metrics
-from lora_operator.build import config_map, job, names, rbac
+from lora_operator.build import job, names
 from lora_operator.plan import policy
 from lora_operator.reconcile import manifest as manifests
-from lora_operator.reconcile import planning, preflight, projection
+from lora_operator.reconcile import planning, preflight, progress_reader, projection
 from lora_operator.reconcile.backoff import Backoff
 from lora_operator.reconcile.children import attempt_of, parse_result, trainer_state
 from lora_operator.reconcile.kube import (
@@ -81,8 +89,6 @@ K = TypeVar("K", bound=Hashable)
 Key = tuple[str, str]
 Obj = Mapping[str, Any]
 EventPoster = Callable[[Obj, Event], None]
-# On the Job of the attempt that succeeded: when the operator verified it (RFC 3339).
-VERIFIED_ANNOTATION = f"{api.GROUP}/verified-at"
 
 
 class RetryLater(Exception):  # noqa: N818 (not an error: a wait)
@@ -285,8 +291,13 @@ class Controller(CallsIO):
         self._timers: dict[Key, asyncio.TimerHandle] = {}  # TTL deletions
         self._manifests: dict[tuple[str, int], ManifestCheck] = {}
         # The placement the operator planned for (uid, attempt): what the next Job is built
-        # from (status.placement is writable by the trainer's token, so it is only shown).
+        # from (status.placement may lag the Jobs after a crash, so it is only shown).
         self._placements: dict[Key, tuple[str, int, api.Placement]] = {}
+        # Running trainers' progress, read from their logs off the reconcile path (step 6).
+        self.progress: progress_reader.ProgressReader[Key] = progress_reader.ProgressReader(
+            self._read_tail, self.enqueue, settings.progress_interval_seconds)
+        # Which brief step each job is in, since when (monotonic): step 7's throttle.
+        self._brief: dict[Key, tuple[str, float]] = {}
         self._errors = Backoff()  # reconciles that raised
         self._rechecks = Backoff(base=2.0)  # storage or pod state not there yet
 
@@ -315,6 +326,8 @@ class Controller(CallsIO):
         if timer:
             timer.cancel()
         self._placements.pop(key, None)
+        self.progress.unwatch(key)
+        self._brief.pop(key, None)
         self._errors.reset(key)
         self._rechecks.reset(key)
         metrics.observe_phase(key, None)
@@ -394,20 +407,16 @@ class Controller(CallsIO):
             self.schedule_ttl(key, body)
             return False
         try:
-            names.trainer_name(key[1])  # created before the CRD capped names
+            names.job_name(key[1], 1)  # created before the CRD capped names
         except names.NameTooLongError as exc:
             return await self._fail(key, body, "NameTooLong", str(exc), planning=True)
         uid = (body.get("metadata") or {}).get("uid") or ""
         owned = self._owned_jobs(key, uid)
         attempt = max(owned, default=1)
         if status.get("phase") == api.Phase.SUCCEEDED.value:
-            done = self._verified_at(owned.get(attempt))
-            if done or attempt not in owned:
-                # Recorded by the operator, or no Job (so no trainer token) left to forge it.
-                self.schedule_ttl(key, body, done)
-                return False
-            # A Succeeded the operator did not record while a Job exists (the trainer's
-            # token can write it): derived again below, which overwrites a forgery.
+            self.progress.unwatch(key)
+            self.schedule_ttl(key, body)  # written by the operator: final
+            return False
 
         try:
             spec = api.parse_spec(dict(body.get("spec") or {}))
@@ -451,21 +460,17 @@ class Controller(CallsIO):
         pods = self.view.pods(key)
         manifest = await self._manifest(key, body, spec, current, pods, attempt)
         derived = derive_status(body, current, pods, self.settings, manifest=manifest,
-                                attempt=attempt, trust_finished=False)
+                                attempt=attempt, progress=self._progress(key, pods, attempt))
         if derived.escalate:
             return await self._escalate(key, body, spec, attempt)
-        completed = None
-        if derived.phase == api.Phase.SUCCEEDED and current is not None:
-            completed = await self._record_success(key, current, derived)
         retry = derived.requeue or (manifest is not None and manifest.verified is None)
-        return await self._apply(key, body, derived, completed=completed,
-                                 retry=self._recheck_delay(key, current) if retry else None,
-                                 plan=plan)
+        return await self._apply(key, body, derived, plan=plan,
+                                 retry=self._recheck_delay(key, current) if retry else None)
 
     def _owned_jobs(self, key: Key, uid: str) -> dict[int, Obj]:
         """This LoRAJob's trainer Jobs by attempt (the watch's copies and our own writes).
         Only a Job whose controller is this LoRAJob's uid counts, and the highest attempt
-        among them is the current one: `status.attempts` is the trainer's to write too."""
+        among them is the current one: `status.attempts` may lag the Jobs after a crash."""
         seen = self.view.jobs(key)
         written = self._jobs_written.get(key, {})
         out: dict[int, Obj] = {}
@@ -478,25 +483,20 @@ class Controller(CallsIO):
                 out[n] = obj
         return out
 
-    @staticmethod
-    def _verified_at(current: Obj | None) -> str | None:
-        """When the operator recorded this Job's attempt as verified Succeeded, if it did."""
-        annotations = ((current or {}).get("metadata") or {}).get("annotations") or {}
-        return annotations.get(VERIFIED_ANNOTATION) or None
+    def _progress(self, key: Key, pods: list[Obj], attempt: int) -> Obj | None:
+        """The newest progress the running trainer of this attempt printed, as read so far
+        (None when nothing was read); starts or stops reading its log."""
+        pod = next((p for p in pods if attempt_of(p) == attempt and "running" in trainer_state(p)
+                    and (p.get("status") or {}).get("phase") == "Running"), None)
+        if pod is None:
+            self.progress.unwatch(key)
+            return None
+        self.progress.watch(key, (pod.get("metadata") or {}).get("name") or "")
+        return self.progress.latest(key)
 
-    async def _record_success(self, key: Key, current: Obj, derived: Derived) -> str:
-        """Note the verified success on the Job before the status says Succeeded; returns
-        the recorded time."""
-        done = self._verified_at(current)
-        if done:
-            return done
-        meta = current.get("metadata") or {}
-        stamp = str(derived.patch.get("completionTime") or "") or \
-            dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        updated = await self._io(self.kube.set_job_annotation, meta.get("namespace") or key[0],
-                                 meta.get("name") or "", VERIFIED_ANNOTATION, stamp)
-        _remember(self._jobs_written.setdefault(key, {}), meta.get("name") or "", updated)
-        return stamp
+    async def _read_tail(self, key: Key, pod: str) -> str:
+        return await self._io(self.kube.read_log, key[0], pod, job.CONTAINER,
+                              progress_reader.TAIL_LINES, progress_reader.TAIL_BYTES)
 
     def _recheck_delay(self, key: Key, current: Obj | None) -> float:
         """Backoff for looking at storage / the pod again, never past the verification
@@ -524,10 +524,14 @@ class Controller(CallsIO):
             self._jobs_written.get(key, {}).pop(name, None)
 
     async def _apply(self, key: Key, body: Obj, derived: Derived, retry: float | None = None,
-                     completed: str | None = None, plan: _Plan | None = None) -> bool:
+                     plan: _Plan | None = None) -> bool:
         patch, events = derived.patch, derived.events
         if plan is not None:
             patch, events = plan.merged_with(patch), [plan.event, *events]
+        elif patch and (wait := self._brief_wait(key, derived.brief)) is not None:
+            # A brief step: written only if it still holds an interval after it began.
+            patch = {}
+            retry = wait if retry is None else min(retry, wait)
         if patch:
             out = await self._patch(key, body, patch)
             if out is None:
@@ -541,8 +545,24 @@ class Controller(CallsIO):
         if derived.phase == api.Phase.FAILED:
             await self._stop_jobs(key, body)
         if derived.phase.finished:
-            self.schedule_ttl(key, body, completed)
+            self.schedule_ttl(key, body)
         return False
+
+    def _brief_wait(self, key: Key, brief: str) -> float | None:
+        """Seconds left until the brief step `brief` (a reason; "" when the state is not
+        brief) has held for a progress interval, or None when it is due to be written.
+        Counted from when it was first seen, not from the last write, so a reconcile that
+        comes late (a deep queue) does not make a passing step look lasting."""
+        if not brief:
+            self._brief.pop(key, None)
+            return None
+        now = time.monotonic()
+        seen = self._brief.get(key)
+        if seen is None or seen[0] != brief:
+            self._brief[key] = (brief, now)
+            return self.settings.progress_interval_seconds
+        left = self.settings.progress_interval_seconds - (now - seen[1])
+        return left if left > 0 else None
 
     async def _fail(self, key: Key, body: Obj, reason: str, message: str,
                     planning: bool = False) -> bool:
@@ -656,12 +676,6 @@ class Controller(CallsIO):
         if placement is None:
             return None
         vram_class = planning.vram_class_for(placement, self.settings)
-        cfg = config_map.trainer_config(owner, spec, placement, attempt, self.settings)
-        # Independent of each other, all needed before the Job's pod: created side by side.
-        await asyncio.gather(
-            *(self._io(self.kube.create, child) for child in
-              (rbac.service_account(owner), rbac.role(owner), rbac.role_binding(owner))),
-            self._io(self.kube.replace_config_map_data, config_map.config_map(owner, cfg)))
         inputs = job.JobInputs(
             attempt=attempt, placement=placement, vram_class=vram_class,
             spec_hash=job.spec_hash(dict(body.get("spec") or {})),
@@ -697,9 +711,12 @@ class Controller(CallsIO):
 
     async def _manifest(self, key: Key, body: Obj, spec: api.LoRAJobSpec, current: Obj | None,
                         pods: list[Obj], attempt: int) -> ManifestCheck | None:
-        """Check the adapter's manifest once the Job completed (cached per attempt)."""
+        """Check the adapter's manifest once the Job completed (cached per attempt):
+        `SuccessCriteriaMet` (Kubernetes 1.31+) comes before `Complete`, and either means
+        the trainer succeeded, as in `verdicts.completed`."""
         conditions = ((current or {}).get("status") or {}).get("conditions") or []
-        if not any(c.get("type") == "Complete" and c.get("status") == "True" for c in conditions):
+        if not any(c.get("type") in ("Complete", "SuccessCriteriaMet") and c.get("status") == "True"
+                   for c in conditions):
             return None
         uid = (body.get("metadata") or {}).get("uid") or ""
         cached = self._manifests.get((uid, attempt))
@@ -721,11 +738,11 @@ class Controller(CallsIO):
         """Reconcile again after `delay` seconds (replacing an earlier retry of the key)."""
         self.queue.add_after(key, delay)
 
-    def schedule_ttl(self, key: Key, body: Obj, completed: str | None = None) -> None:
+    def schedule_ttl(self, key: Key, body: Obj) -> None:
         """One timer per finished LoRAJob, firing when its TTL ends: no polling at all, so
-        thousands of finished jobs cost nothing while they wait. `completed`: the finish
-        the operator recorded on the Job (wins over the status's completionTime)."""
-        due = ttl_deadline(body, completed)
+        thousands of finished jobs cost nothing while they wait."""
+        self._brief.pop(key, None)
+        due = ttl_deadline(body)
         if due is None:
             return
         delay = (due - dt.datetime.now(dt.UTC)).total_seconds()
@@ -741,13 +758,11 @@ class Controller(CallsIO):
         if body is None:
             return
         uid = (body.get("metadata") or {}).get("uid") or ""
-        owned = self._owned_jobs(key, uid)
-        completed = self._verified_at(owned.get(max(owned, default=1)))
-        due = ttl_deadline(body, completed)
+        due = ttl_deadline(body)
         if due is None:
             return
         if due > dt.datetime.now(dt.UTC):
-            self.schedule_ttl(key, body, completed)
+            self.schedule_ttl(key, body)
             return
         if await self._io(self.kube.delete_lorajob, key[0], key[1], uid):
             metrics.TTL_DELETIONS.inc()

@@ -44,17 +44,17 @@ TRANSIENT_4XX = frozenset({401, 408, 429})
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT_SECONDS = 30.0
+# A pod's log passes through its node's kubelet: a slow or absent one must not hold a
+# reconcile worker for long.
+LOG_TIMEOUT_SECONDS = 5.0
 Login = Callable[[], kopf.ConnectionInfo]
 Obj = dict[str, Any]
 
-_CORE, _RBAC, _BATCH = "/api/v1", "/apis/rbac.authorization.k8s.io/v1", "/apis/batch/v1"
+_CORE, _BATCH = "/api/v1", "/apis/batch/v1"
 _OURS = f"/apis/{api.GROUP}/{api.VERSION}"
 # kind → (API path prefix, plural): every resource the operator writes or reads by name.
 RESOURCES: dict[str, tuple[str, str]] = {
-    "ServiceAccount": (_CORE, "serviceaccounts"),
-    "ConfigMap": (_CORE, "configmaps"),
-    "Role": (_RBAC, "roles"),
-    "RoleBinding": (_RBAC, "rolebindings"),
+    "Pod": (_CORE, "pods"),
     "Job": (_BATCH, "jobs"),
     api.KIND: (_OURS, api.PLURAL),
     sweep_api.KIND: (_OURS, sweep_api.PLURAL),
@@ -238,13 +238,24 @@ class ApiClient:
         out = fastjson.loads(text) if text else {}
         return out if isinstance(out, dict) else {}
 
-    async def _send(self, method: str, path: str, data: bytes | None,
-                    content_type: str) -> tuple[int, str, str]:
+    async def text(self, path: str, timeout: float = LOG_TIMEOUT_SECONDS) -> str:
+        """GET `path`, whose answer is text (a pod's log). Raises ApiError, or
+        TimeoutError after `timeout` seconds."""
+        limit = aiohttp.ClientTimeout(total=timeout)
+        status, reason, text = await self._send("GET", path, None, JSON, limit)
+        if status == 401 and await self._relogin():
+            status, reason, text = await self._send("GET", path, None, JSON, limit)
+        if status >= 300:
+            raise ApiError(status, reason, text)
+        return text
+
+    async def _send(self, method: str, path: str, data: bytes | None, content_type: str,
+                    timeout: aiohttp.ClientTimeout | None = None) -> tuple[int, str, str]:
         headers = {"Content-Type": content_type} if data is not None else {}
         if self._auth:
             headers["Authorization"] = self._auth
-        async with self._open().request(method, self.server + path, data=data,
-                                        headers=headers) as resp:
+        async with self._open().request(method, self.server + path, data=data, headers=headers,
+                                        timeout=timeout or self._timeout) as resp:
             return resp.status, resp.reason or "", await resp.text()
 
     async def _relogin(self) -> bool:
@@ -351,20 +362,12 @@ class Kube:
         the grace period). uid-guarded: a newer Job of the same name is never touched."""
         return await self.client.delete("Job", namespace, name, uid)
 
-    async def set_job_annotation(self, namespace: str, name: str, key: str,
-                                 value: str) -> dict[str, Any]:
-        """Record an operator decision on the Job (a place the trainer's token cannot write)."""
-        return await self.client.merge_patch(
-            "Job", namespace, name, {"metadata": {"annotations": {key: value}}})
-
-    async def replace_config_map_data(self, body: dict[str, Any]) -> None:
-        """Create the ConfigMap, or bring an existing one's data and labels up to date
-        (only when it is ours: `create` raises NameConflictError otherwise)."""
-        if not (await self.create(body))[1]:
-            meta = body["metadata"]
-            await self.client.merge_patch(
-                "ConfigMap", meta["namespace"], meta["name"],
-                {"metadata": {"labels": meta["labels"]}, "data": body["data"]})
+    async def read_log(self, namespace: str, pod: str, container: str, tail_lines: int,
+                       limit_bytes: int) -> str:
+        """The last `tail_lines` lines (at most `limit_bytes`) of a container's log."""
+        query = urllib.parse.urlencode({"container": container, "tailLines": tail_lines,
+                                        "limitBytes": limit_bytes})
+        return await self.client.text(resource_path("Pod", namespace, pod, "log") + "?" + query)
 
     async def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self.client.get("Job", namespace, name)
@@ -379,7 +382,7 @@ class Kube:
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any],
                            resource_version: str | None = None) -> dict[str, Any] | None:
-        """Merge-patch `status` (never `progress`: the trainer owns it). With a
+        """Merge-patch `status`. With a
         resourceVersion the patch is refused (409) if the object changed since it was read;
         that returns None and the caller reconciles again from fresh state."""
         return await self.client.patch_status(api.KIND, namespace, name, status, resource_version)

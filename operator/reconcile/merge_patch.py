@@ -20,8 +20,7 @@ def status_patch(current: Obj | None, desired: Obj) -> dict[str, Any]:
     """The merge patch that turns `current` into `desired` ({} when they are equal).
 
     Keys of the status itself: changed or new ones with their desired value, lost ones (or
-    desired as None) as None; keys neither mentions are left alone, so other writers' keys (the trainer's
-    `progress`) never enter the patch unless `desired` drops them. A nested object is diffed
+    desired as None) as None; keys neither mentions are left alone. A nested object is diffed
     key by key; one that loses keys is being replaced (a re-plan) and is spelled out whole,
     nulls for the lost keys included, so the patch reads as the new object.
     """

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from lora_operator import api, contract
-from lora_operator.build import config_map, names, preflight_job, rbac
+from lora_operator.build import names, preflight_job
 from lora_operator.reconcile.conditions import MAX_MESSAGE, merge_conditions
 from lora_operator.reconcile.merge_patch import status_patch
 from lora_operator.reconcile.status import Event
@@ -246,10 +246,6 @@ def _trainer_jobs(ctl: Controller, key: Key, uid: str) -> bool:
 
 
 async def _create(ctl: Controller, owner: names.Owner, spec: api.LoRAJobSpec) -> None:
-    """The job's ServiceAccount (the preflight mounts no token of it), its config (the
-    spec; no placement yet: the trainer's attempt rewrites it) and the Job."""
-    await ctl._io(ctl.kube.create, rbac.service_account(owner))
-    cfg = config_map.trainer_config(owner, spec, api.Placement(), 1, ctl.settings)
-    await ctl._io(ctl.kube.replace_config_map_data, config_map.config_map(owner, cfg))
+    """The preflight's Job: its only child (its config is in its pod template)."""
     await ctl._io(ctl.kube.create, preflight_job.build_preflight_job(
         owner, spec, ctl.settings, dev_mode=ctl.settings.dev_mode))

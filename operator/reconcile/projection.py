@@ -9,7 +9,9 @@ keeps the backlog, kopf's bodies and the indexes small, with one rule for all th
 What stays is what kopf needs (all other metadata: name, uid, labels, annotations,
 resourceVersion, finalizers, deletionTimestamp, ownerReferences), the whole status, and of
 the spec: everything for a LoRAJob (the controller plans from it), `JOB_SPEC_KEYS` for a
-Job, and for a pod its node and its containers' names and resources. The operator never
+Job, and for a pod its node and its containers' names and resources, and of a pod's
+annotations all but the trainer's config (`names.CONFIG_ANNOTATION`, a few KB that only
+the trainer reads). The operator never
 writes a watched body back whole (status is merge-patched, Jobs are created from the spec),
 so nothing it dropped can be lost on the server.
 """
@@ -17,6 +19,8 @@ so nothing it dropped can be lost on the server.
 from __future__ import annotations
 
 from typing import Any
+
+from lora_operator.build.names import CONFIG_ANNOTATION
 
 # What `verdicts`/`status.derive_status` and the controller read of a Job's spec.
 JOB_SPEC_KEYS = frozenset(("suspend", "activeDeadlineSeconds", "backoffLimit", "completions",
@@ -41,9 +45,13 @@ _SPECS = {("batch/v1", "Job"): _job_spec, ("v1", "Pod"): _pod_spec}
 def project(obj: dict[str, Any]) -> dict[str, Any]:
     """Trim `obj` in place (and return it); idempotent, and a no-op on other kinds' specs."""
     metadata = obj.get("metadata")
+    kind = (obj.get("apiVersion"), obj.get("kind"))
     if isinstance(metadata, dict):
         metadata.pop("managedFields", None)
-    trim = _SPECS.get((obj.get("apiVersion"), obj.get("kind")))  # type: ignore[arg-type]
+        annotations = metadata.get("annotations")
+        if kind == ("v1", "Pod") and isinstance(annotations, dict):
+            annotations.pop(CONFIG_ANNOTATION, None)
+    trim = _SPECS.get(kind)  # type: ignore[arg-type]
     spec = obj.get("spec")
     if trim is not None and isinstance(spec, dict):
         obj["spec"] = trim(spec)

@@ -23,8 +23,8 @@ Phases and the conditions that hold (each True while it holds, so `kubectl wait
 
 Succeeded and Failed are final: nothing here moves a job out of them.
 
-The status merge patch never contains `progress`: the trainer owns it (server-side apply,
-field manager `lora-trainer`).
+`progress` is what the operator last read from the trainer's log (the controller passes
+it in); at Succeeded it is completed from the trainer's result.
 
 This module only assembles: the verdict (`reconcile.verdicts`) says which phase and why, the
 phase table (`reconcile.conditions`) which conditions hold, and the patch is one diff of
@@ -71,16 +71,20 @@ class Event:
     message: str
 
 
-# Normal steps between milestones: shown in status.phase, message and conditions, not posted
-# as Events (one Event is one more API write per job per step, and `kubectl describe` reads
-# better without them). Warnings and every other reason are milestones.
-TRANSITIONAL_REASONS = frozenset({"CreatingJob", "WaitingForPod", "Pending", "ContainerCreating",
-                                  "Exporting", "WaitingForPodStatus", "VerifyingManifest"})
+# Steps that usually last moments: the Job has not made its pod yet, the pod waits for the
+# scheduler or starts its container, the trainer has finished and its Job not yet noticed.
+# The controller writes one only if it still holds a progress interval after it was first
+# seen, so a burst's jobs cost a write at each phase a user acts on, not at every step in
+# between (an honest status: at most one interval behind).
+BRIEF_REASONS = frozenset({"WaitingForPod", "Pending", "ContainerCreating", "Exporting",
+                           "WaitingForPodStatus"})
 
 
 def milestone(event: Event) -> bool:
-    """Whether an Event is worth posting: a Warning, or a Normal step users act on."""
-    return event.type != "Normal" or event.reason not in TRANSITIONAL_REASONS
+    """Whether an Event is worth posting: only what needs attention (a Warning). The normal
+    way through the phases is in the conditions, with their transition times; an Event per
+    step would be one more API write per job per step."""
+    return event.type == "Warning"
 
 
 @dataclass
@@ -93,6 +97,7 @@ class Derived:
     escalate: bool = False  # the attempt ran out of memory and budget remains: re-plan up
     result: contract.TrainerResult | None = None  # when the current attempt's pod succeeded
     requeue: bool = False  # look again later even if no watch event comes
+    brief: str = ""  # the verdict's reason when it is one of BRIEF_REASONS
 
 
 def result_status(result: contract.TrainerResult) -> dict[str, Any]:
@@ -109,14 +114,14 @@ def result_status(result: contract.TrainerResult) -> dict[str, Any]:
 def derive_status(lorajob: Obj, job: Obj | None, pods: Sequence[Obj], settings: Settings,
                   *, manifest: ManifestCheck | None = None,
                   now: dt.datetime | None = None, attempt: int | None = None,
-                  trust_finished: bool = True) -> Derived:
+                  trust_finished: bool = True, progress: Obj | None = None) -> Derived:
     """The status `lorajob` should have, given its current Job and trainer pods.
 
     `job` is the Job of the current attempt, `pods` every trainer pod of every attempt (cost
     covers them all). The attempt is the caller's (the operator counts it from the Jobs it
     made; `status.attempts` is only the default, for tests). With `trust_finished` False a
-    Succeeded/Failed phase in the status is not taken as final: the trainer's token can
-    write the status, so a finished phase the operator did not record is derived afresh.
+    Succeeded/Failed phase in the status is not taken as final but derived afresh.
+    `progress`: the trainer's newest progress line, when the caller read one.
     Returns the merge patch to reach it (empty when nothing changed), the Events to post,
     and whether to escalate after out-of-memory.
     """
@@ -129,6 +134,8 @@ def derive_status(lorajob: Obj, job: Obj | None, pods: Sequence[Obj], settings: 
 
     now = now or dt.datetime.now(dt.UTC)
     attempt = attempt or int(status.get("attempts") or 1)
+    if progress is not None:
+        lorajob = {**lorajob, "status": {**status, "progress": dict(progress)}}
     found = verdict(lorajob, job, pods, attempt, manifest, now,
                     settings.manifest_verify_timeout_seconds)
     desired = _desired_conditions(lorajob, job, found)
@@ -139,7 +146,8 @@ def derive_status(lorajob: Obj, job: Obj | None, pods: Sequence[Obj], settings: 
     patch = status_patch(status, want)
     return Derived(phase=found.phase, patch=patch,
                    events=_events(status, found, desired, patch), escalate=found.escalate,
-                   result=found.result, requeue=found.requeue)
+                   result=found.result, requeue=found.requeue,
+                   brief=found.reason if found.reason in BRIEF_REASONS else "")
 
 
 def _desired_conditions(lorajob: Obj, job: Obj | None, found: Verdict) -> Desired:
@@ -190,6 +198,10 @@ def _desired_status(lorajob: Obj, found: Verdict, desired: Desired, attempt: int
         want["completionTime"] = stamp
         if found.result is not None and found.phase == Phase.SUCCEEDED:
             want["result"] = result_status(found.result)
+            if found.result.steps:  # the last step, which the last log read may have missed
+                want["progress"] = {**(status.get("progress") or {}), "step": found.result.steps,
+                                    "totalSteps": found.result.steps, "percent": 100.0,
+                                    "etaSeconds": 0.0}
     if status.get("result") and found.phase != Phase.SUCCEEDED:
         del want["result"]  # only a verified success has a result (a forged one goes)
     return want
@@ -264,14 +276,13 @@ def failed_patch(lorajob: Obj, reason: str, message: str, now: dt.datetime | Non
     })
 
 
-def ttl_deadline(lorajob: Obj, completed: str | None = None) -> dt.datetime | None:
-    """When a finished LoRAJob is due for deletion (runPolicy.ttlSecondsAfterFinished);
-    `completed` (the operator's own record of the finish) wins over status.completionTime."""
+def ttl_deadline(lorajob: Obj) -> dt.datetime | None:
+    """When a finished LoRAJob is due for deletion (runPolicy.ttlSecondsAfterFinished)."""
     status = lorajob.get("status") or {}
     if status.get("phase") not in (Phase.SUCCEEDED.value, Phase.FAILED.value):
         return None
     ttl = ((lorajob.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-    done = parse_time(completed or status.get("completionTime"))
+    done = parse_time(status.get("completionTime"))
     if ttl is None or done is None:
         return None
     return done + dt.timedelta(seconds=int(ttl))

@@ -1,13 +1,15 @@
 """kube-apiserver restarted while an e2e trainer runs through the dev node agent: the
-trainer's progress patches (lorajobs/status, as its own ServiceAccount) keep landing after
-the API server comes back (progress.step grows past what it was before the restart), and
-the job Succeeds. Uses the reliability suite's restart helper (SIGTERM, same arguments).
+operator's progress reads (the trainer's log, through the API server and the node's kubelet
+API) and status writes resume after the API server comes back (progress.step grows past
+what it was before the restart), the trainer, which holds no API credentials, never
+notices, and the job Succeeds. Uses the reliability suite's restart helper (SIGTERM, same
+arguments).
 
 The tiny model trains at anywhere from 0.1 to 2 s a step on the shared machine, so the test
 makes the outage straddle training for sure: the trainer runs on while the API server is
-down (its patches fail: "cannot patch" in its log), then its process group is SIGSTOPped
-until the API server is ready again and SIGCONTed, so the rest of training (and every
-patch that must land) happens after the restart."""
+down, then its process group is SIGSTOPped until the API server is ready again and
+SIGCONTed, so the rest of training (and every progress write that must land) happens
+after the restart."""
 
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def test_trainer_progress_survives_apiserver_restart(cluster: Any, operator: Any
               "/readyz", "--request-timeout=2s"]
     while subprocess.run(readyz, capture_output=True).returncode == 0:
         time.sleep(0.2)
-    time.sleep(4)  # the trainer trains on and fails to patch while the server is down
+    time.sleep(4)  # the trainer trains on while the server is down
     os.killpg(pid, signal.SIGSTOP)
     try:
         restart.join(300)
@@ -71,7 +73,7 @@ def test_trainer_progress_survives_apiserver_restart(cluster: Any, operator: Any
     down = downtime[0]
     phase, at_return = _step(cluster, namespace, name)
     assert phase not in ("Failed", "Succeeded"), phase
-    # Patches made after the restart: the step must grow past what the server had on return.
+    # Progress written after the restart: the step must grow past what the server had on return.
     deadline = time.monotonic() + 600
     after = at_return
     while time.monotonic() < deadline and after <= at_return:
@@ -85,8 +87,5 @@ def test_trainer_progress_survives_apiserver_restart(cluster: Any, operator: Any
     assert obj["status"]["progress"]["step"] == 150, obj["status"]["progress"]
     pods = trainer_pods(cluster, namespace, name)
     assert len(pods) == 1, "the trainer pod was replaced: the restart was not ridden out"
-    log = (Path(cluster.state_dir) / "logs" / "pods" /
-           f"{namespace}_{pods[0]['metadata']['name']}_trainer.log").read_text()
-    assert "cannot patch LoRAJob" in log, "the trainer never saw the API server down"
     print(f"\nAPISERVER-RESTART down {down:.1f}s; step {before} before, {at_return} on return, "
           f"{after} after; Succeeded")

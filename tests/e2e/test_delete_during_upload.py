@@ -1,5 +1,5 @@
 """A LoRAJob deleted while its trainer is uploading the adapter: every child object goes
-(Job, pod, ConfigMap, ServiceAccount, Role, RoleBinding), the trainer process stops, and the
+(its Job and pod; no ConfigMap, ServiceAccount or Role is made any more), the trainer process stops, and the
 partial upload is never reported as an adapter: no manifest.json at the output (the trainer
 writes it last) and nothing in the LoRAJob's status ever claimed a result.
 

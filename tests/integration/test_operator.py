@@ -214,9 +214,10 @@ def test_lifecycles(kube: Kube, s3: Any, shared: Shared) -> None:
     conds = {c["type"]: c["status"] for c in st["conditions"]}
     assert (conds["Planned"], conds["Scheduled"], conds["Succeeded"]) == ("True",) * 3
     assert "True" not in (conds.get("Running"), conds.get("Uploading"), conds.get("Failed"))
-    reasons = {e["reason"] for e in kube.list("events", ns)
-               if e["involvedObject"]["name"] == "ok"}
-    assert {"Planned", "Completed"} <= reasons
+    # The normal way to Succeeded is told by the conditions (with their transition times);
+    # Events are only for what needs attention, so this job has none.
+    assert not [e["reason"] for e in kube.list("events", ns) if e["involvedObject"]["name"] == "ok"]
+    assert all(c["lastTransitionTime"] for c in st["conditions"])
 
     # Permanent failure: the trainer's reason and message, no retry.
     st = kube.wait_phase(ns, "bad-data", "Failed", timeout=60)
@@ -277,30 +278,33 @@ def test_lifecycles(kube: Kube, s3: Any, shared: Shared) -> None:
 
 
 def test_children_are_owned_and_restricted(kube: Kube, s3: Any, shared: Shared) -> None:
-    """SA/Role/RoleBinding/ConfigMap/Job exist, owned by the LoRAJob; deleting it removes all."""
+    """The Job is the only child, owned by the LoRAJob; its pod holds no API token and reads
+    its config from its own annotation; deleting the LoRAJob removes Job and pod."""
     ns = shared.namespaces["del"]
     kube.apply(lorajob("gc", ns, annotations={"kwok.lorajob.dev/keep-running": "true"}))
     kube.wait_phase(ns, "gc", "Running", timeout=60)
     uid = kube.get("lorajob", "gc", ns)["metadata"]["uid"]  # type: ignore[index]
-    kinds = ["serviceaccount/gc-trainer", "role/gc-trainer", "rolebinding/gc-trainer",
-             "configmap/gc-trainer", "job/gc-a1"]
-    for ref in kinds:
-        kind, name = ref.split("/")
-        obj = kube.get(kind, name, ns)
-        assert obj is not None, ref
-        owner = obj["metadata"]["ownerReferences"][0]
-        assert (owner["uid"], owner["controller"], owner["blockOwnerDeletion"]) == (uid, True, True)
-    role = kube.get("role", "gc-trainer", ns)
-    assert role["rules"][0]["resourceNames"] == ["gc"]  # type: ignore[index]
+    kinds = ["job/gc-a1"]
+    job_obj = kube.get("job", "gc-a1", ns)
+    assert job_obj is not None
+    owner = job_obj["metadata"]["ownerReferences"][0]
+    assert (owner["uid"], owner["controller"], owner["blockOwnerDeletion"]) == (uid, True, True)
+    for kind in ("configmaps", "serviceaccounts", "roles", "rolebindings"):
+        assert not kube.list(kind, ns, "lorajob.dev/job-name=gc"), kind
     pod = kube.list("pods", ns, "lorajob.dev/job-name=gc")[0]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    # The trainer's identity may patch this job's status, and nothing else.
-    sa = f"system:serviceaccount:{ns}:gc-trainer"
-    can = kube.run("auth", "can-i", "patch", "lorajobs.lorajob.dev/gc", "--subresource=status",
-                   "-n", ns, "--as", sa, check=False).strip()
-    cannot = kube.run("auth", "can-i", "get", "secrets", "-n", ns, "--as", sa, check=False).strip()
-    assert (can, cannot) == ("yes", "no")
+    # No API identity: the token is not mounted, and the pod runs as the namespace default.
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["spec"].get("serviceAccountName", "default") == "default"
+    assert not [m for c in pod["spec"]["containers"] for m in c.get("volumeMounts") or []
+                if "serviceaccount" in m["mountPath"]]
+    config = yaml.safe_load(pod["metadata"]["annotations"]["lorajob.dev/trainer-config"])
+    assert (config["job"]["uid"], config["placement"]["vramClass"]) == \
+        (uid, kube.status(ns, "gc")["placement"]["vramClass"])
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
+    assert volume["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['lorajob.dev/trainer-config']"
 
     kube.run("delete", "lorajob", "gc", "-n", ns, "--wait=true", "--timeout=30s")
 
@@ -314,7 +318,7 @@ def test_suspend_and_resume(kube: Kube, s3: Any, shared: Shared) -> None:
     ns = shared.namespaces["susp"]
     kube.apply(lorajob("pause", ns, annotations={"kwok.lorajob.dev/keep-running": "true"}))
     kube.wait_phase(ns, "pause", "Running", timeout=60)
-    # The trainer reports progress with server-side apply as `lora-trainer`.
+    # Progress as the operator writes it from the trainer's log (a kwok pod has none).
     progress = {"apiVersion": "lorajob.dev/v1alpha1", "kind": "LoRAJob",
                 "metadata": {"name": "pause", "namespace": ns},
                 "status": {"progress": {"step": 40, "totalSteps": 100, "percent": 40.0,

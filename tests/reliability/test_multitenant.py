@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from lora_operator import api, contract, objectstore
-from lora_operator.build import config_map, names
+from lora_operator.build import names, trainer_config
 from lora_operator.settings import load_settings
 from tests.integration.operator_harness import Kube
 from tests.reliability.conftest import TRAINER, keys_under, s3_env
@@ -161,19 +161,25 @@ def test_storage_prefixes_refuse_other_namespaces_storage_at_plan(
         st = _failed(kube, ns, "outside")
         assert _reason(st) == "StorageNotAllowed"
         assert "spec.output.uri" in st["message"] and mine in st["message"], st["message"]
-        kube.wait_for("the inside job's Job", lambda: jobs_of(kube, ns, "inside"), timeout=90)
-        cm = kube.get("configmap", names.trainer_name("inside"), ns) or {}
-        rendered = yaml.safe_load(cm["data"][contract.CONFIG_KEY])
+        (job,) = kube.wait_for("the inside job's Job", lambda: jobs_of(kube, ns, "inside"),
+                               timeout=90)
+        rendered = _rendered_config(job)
         assert rendered["allowedOutputPrefixes"] == [mine]
     finally:
         op.stop()
+
+
+def _rendered_config(job: dict[str, Any]) -> dict[str, Any]:
+    """The trainer config a Job's pod reads (its pod template's annotation)."""
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    return dict(yaml.safe_load(annotations[names.CONFIG_ANNOTATION]))
 
 
 def _run_pod_trainer(local_cluster: Any, tmp_path: Path, cfg: contract.TrainerConfig,
                      ) -> tuple[int, dict[str, Any]]:
     """`lora-trainer pod` on the config the operator renders, as the pod runs it."""
     path = tmp_path / f"trainer-{uuid.uuid4().hex[:6]}.yaml"
-    path.write_text(config_map.render(cfg.model_copy(update={"report_progress": False})))
+    path.write_text(trainer_config.render(cfg))
     term = path.with_suffix(".result")
     env = {**os.environ, **s3_env(local_cluster), "LORA_TRAINER_CONFIG": str(path),
            "LORA_TERMINATION_MESSAGE_PATH": str(term), "HF_HUB_OFFLINE": "1",
@@ -190,7 +196,7 @@ def _trainer_config(namespace: str, output: dict[str, Any], **settings: Any,
                            "dataset": {"uri": "s3://lora-test/data/train.jsonl"},
                            "method": "lora", "output": output})
     owner = names.Owner(name="tenant-job", namespace=namespace, uid=str(uuid.uuid4()))
-    return config_map.trainer_config(owner, spec, api.Placement(method="lora", gpus=0), 1,
+    return trainer_config.trainer_config(owner, spec, api.Placement(method="lora", gpus=0), 1,
                                      load_settings().model_copy(update=settings))
 
 
@@ -311,8 +317,7 @@ def test_dev_hooks_off_region_used_and_pvc_refused(local_cluster: Any, kube: Kub
         assert not [k for k in annotations if k.startswith("kwok.lorajob.dev/")], annotations
         env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
         assert env["AWS_REGION"] == "eu-central-1"
-        cm = kube.get("configmap", names.trainer_name("scripted"), ns) or {}
-        rendered = yaml.safe_load(cm["data"][contract.CONFIG_KEY])
+        rendered = _rendered_config(job)
         assert rendered["spec"]["output"]["region"] == "eu-central-1"
         st = _failed(kube, ns, "on-pvc")
         assert _reason(st) == "PVCNotSupported" and "spec.baseModel.uri" in st["message"]

@@ -1,6 +1,6 @@
 """Least privilege and secrets, checked against the real API server's authorizer and
-admission (no mocks): what the chart's operator ServiceAccount and a per-job trainer
-ServiceAccount may do (`kubectl auth can-i --list`), Pod Security "restricted" enforced on
+admission (no mocks): what the chart's operator ServiceAccount may do and that a trainer pod
+holds no API identity at all (`kubectl auth can-i --list`), Pod Security "restricted" enforced on
 the job's namespace, local URIs and metadata endpoints refused in cluster mode, and a
 planted secret that must not surface in logs, status, events or rendered objects.
 """
@@ -36,15 +36,12 @@ OPERATOR_EXPECTED = {
     "lorajobs.lorajob.dev": ("", {"get", "list", "watch", "create", "delete"}),
     "lorasweeps.lorajob.dev": ("", {"get", "list", "watch"}),
     "lorasweeps.lorajob.dev/status": ("", {"patch"}),
-    "lorajobs.lorajob.dev/status": ("", {"get", "patch"}),  # also what the per-job Role grants
-    # patch: suspend, the verified-success record; delete: a Failed LoRAJob's running Job
+    "lorajobs.lorajob.dev/status": ("", {"patch"}),
+    # get: on 409, adopt only a Job this LoRAJob controls (issue 13); patch: suspend;
+    # delete: a Failed LoRAJob's running Job
     "jobs.batch": ("", {"get", "list", "watch", "create", "patch", "delete"}),
-    # get: on 409, adopt only an object this LoRAJob controls (issue 13)
-    "configmaps": ("", {"get", "create", "patch"}),  # patch: refresh an adopted ConfigMap
-    "serviceaccounts": ("", {"get", "create"}),
-    "roles.rbac.authorization.k8s.io": ("", {"get", "create"}),
-    "rolebindings.rbac.authorization.k8s.io": ("", {"get", "create"}),
     "pods": ("", {"list", "watch"}),
+    "pods/log": ("", {"get"}),  # the trainer's progress lines
     "events": ("", {"create"}),
     # cluster-wide reads for kopf's discovery
     "customresourcedefinitions.apiextensions.k8s.io": ("", {"get", "list", "watch"}),
@@ -56,12 +53,14 @@ OPERATOR_REMOVED = {
     "lorasweeps.lorajob.dev": {"create", "patch", "update", "delete"},
     "lorasweeps.lorajob.dev/status": {"update"},
     "lorajobs.lorajob.dev": {"patch", "update"},
-    "lorajobs.lorajob.dev/status": {"update"},
+    "lorajobs.lorajob.dev/status": {"get", "update"},
     "jobs.batch": {"update", "deletecollection"},
-    "configmaps": {"list", "watch", "update", "delete"},
-    "serviceaccounts": {"list", "watch", "patch", "update", "delete"},
-    "roles.rbac.authorization.k8s.io": {"list", "watch", "patch", "update", "delete"},
-    "rolebindings.rbac.authorization.k8s.io": {"list", "watch", "patch", "update", "delete"},
+    # The per-job trainer identity and ConfigMap are gone (the trainer holds no token).
+    "configmaps": {"get", "create", "patch", "list", "watch", "update", "delete"},
+    "serviceaccounts": {"get", "create", "list", "watch", "patch", "update", "delete"},
+    "roles.rbac.authorization.k8s.io": {"get", "create", "list", "watch", "patch", "update", "delete"},
+    "rolebindings.rbac.authorization.k8s.io": {"get", "create", "list", "watch", "patch", "update",
+                                               "delete"},
     "pods": {"get"},
     "events": {"patch"},
     "events.events.k8s.io": {"create", "patch"},
@@ -135,8 +134,9 @@ def test_chart_operator_rbac_is_the_expected_minimum(local_cluster: Any, kube: K
 def test_trainer_identity_restricted_namespace_and_no_secret_leak(
         local_cluster: Any, kube: Kube, s3k: Any, ns: str, tmp_path: Path) -> None:
     """In a namespace that enforces Pod Security "restricted", with a unique planted secret in
-    the S3 credentials Secret: the trainer pod is admitted; its ServiceAccount may get/patch
-    only this job's status; the secret appears in no log, status, event or rendered object."""
+    the S3 credentials Secret: the trainer pod is admitted; it mounts no token, and the
+    identity it runs as (the namespace's default ServiceAccount) may do nothing, so it can
+    touch no job's status; the secret appears in no log, status, event or rendered object."""
     planted = f"planted-{uuid.uuid4().hex}"
     kube.run("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted",
              "pod-security.kubernetes.io/enforce-version=latest",
@@ -163,13 +163,16 @@ def test_trainer_identity_restricted_namespace_and_no_secret_leak(
         job = kube.get("job", "guarded-a1", ns)
         assert not [e for e in kube.list("events", ns) if e["reason"] == "FailedCreate"]
 
-        sa = f"system:serviceaccount:{ns}:guarded-trainer"
+        pod_spec = pods[0]["spec"]
+        assert pod_spec["automountServiceAccountToken"] is False
+        assert not [v for v in pod_spec["volumes"] if "projected" in v or "serviceAccountToken" in str(v)]
+        sa = f"system:serviceaccount:{ns}:{pod_spec.get('serviceAccountName', 'default')}"
         got = can_i_list(kube, sa, ns)
-        assert got == {"lorajobs.lorajob.dev/status": ("guarded", {"get", "patch"})}, got
+        assert got == {}, got
 
         def can(*args: str) -> str:
             return kube.run("auth", "can-i", *args, "-n", ns, f"--as={sa}", check=False).strip()
-        assert can("patch", "lorajobs.lorajob.dev/guarded", "--subresource=status") == "yes"
+        assert can("patch", "lorajobs.lorajob.dev/guarded", "--subresource=status") == "no"
         assert can("patch", "lorajobs.lorajob.dev/neighbour", "--subresource=status") == "no"
         assert can("patch", "lorajobs.lorajob.dev/guarded") == "no"  # spec: no
         assert can("get", "secrets") == "no"

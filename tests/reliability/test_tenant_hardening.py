@@ -1,5 +1,5 @@
 """Multi-tenant hardening (issue 13, items 2-6), on the real control plane with kwok pods:
-what a LoRAJob's author or its trainer's token can make the operator do.
+what a LoRAJob's author or code running in its trainer pod can make the operator do.
 
 - item 2: with the chart's default values (no operator S3 credentials) a job reaches
   Succeeded on the trainer's checksum report; a manifest that cannot be verified ends in
@@ -9,8 +9,10 @@ what a LoRAJob's author or its trainer's token can make the operator do.
 - item 4: a LoRAJob that turns Failed has its running Job deleted;
 - item 5: a child the API server refuses for good (quota) fails the job with the server's
   message; label syntax in nodeSelector / tolerations is checked by the CRD;
-- item 6: status written with the trainer's token decides nothing, and a reported manifest
-  outside spec.output.uri or with the wrong sha256 is refused.
+- item 6: the trainer pod's identity cannot write the status at all (it holds no token, and
+  the ServiceAccount it runs as may do nothing), status forged by someone who may write it
+  does not move the job, and a reported manifest outside spec.output.uri or with the
+  wrong sha256 is refused.
 
 Every LoRAJob here skips the dataset preflight stage (tested on its own), so each test
 exercises exactly the trainer Job path it names.
@@ -134,13 +136,16 @@ def test_unverifiable_manifest_fails_after_the_deadline(local_cluster: Any, kube
 def test_foreign_object_with_a_child_name_is_not_adopted(local_cluster: Any, kube: Kube,
                                                           s3k: Any, ns: str,
                                                           tmp_path: Path) -> None:
-    """Item 3: a ConfigMap `<name>-trainer` someone else made → Failed NameConflict naming
-    it, the ConfigMap untouched, no Job. Names too long for unhashed children are refused
-    by the API server (the old names shortened them with a hash, and a 55- and a
-    67-character LoRAJob shared their `-trainer` objects)."""
-    kube.apply({"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": "squat-trainer", "namespace": ns},
-                "data": {"owner": "someone else"}})
+    """Item 3: a Job `<name>-a1` someone else made → Failed NameConflict naming it, that Job
+    untouched and not run as ours. Names too long for unhashed children are refused by the
+    API server (the old names shortened them with a hash, and a 55- and a 67-character
+    LoRAJob shared their child objects)."""
+    kube.apply({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": "squat-a1", "namespace": ns,
+                             "annotations": {"owner": "someone else"}},
+                "spec": {"suspend": True, "template": {"spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "c", "image": "busybox"}]}}}})
     op = start_operator(local_cluster, [ns], tmp_path, INSTANCE)
     try:
         kube.apply(job_of("squat", ns, success(ns, "squat", s3k)))
@@ -148,10 +153,11 @@ def test_foreign_object_with_a_child_name_is_not_adopted(local_cluster: Any, kub
         assert st["phase"] == "Failed", st
         failed = condition(st, "Failed")
         assert failed["reason"] == "NameConflict"
-        assert f"ConfigMap {ns}/squat-trainer" in failed["message"]
-        cm = kube.get("configmap", "squat-trainer", ns) or {}
-        assert cm["data"] == {"owner": "someone else"}
-        assert not cm["metadata"].get("ownerReferences")
+        assert f"Job {ns}/squat-a1" in failed["message"]
+        squatter = kube.get("job", "squat-a1", ns) or {}
+        assert squatter["metadata"]["annotations"]["owner"] == "someone else"
+        assert not squatter["metadata"].get("ownerReferences")
+        assert squatter["spec"]["suspend"] is True  # neither adopted nor stopped: not ours
         assert jobs_of(kube, ns, "squat") == []
         assert not tracebacks(op.logs()), tracebacks(op.logs())[0]
     finally:
@@ -239,18 +245,28 @@ def test_label_syntax_is_checked_by_the_crd(local_cluster: Any, kube: Kube, ns: 
 
 def test_status_written_with_the_trainer_token_decides_nothing(local_cluster: Any, kube: Kube,
                                                                ns: str, tmp_path: Path) -> None:
-    """Item 6: the trainer's ServiceAccount forges phase Succeeded, a result, attempts 3 and
-    an 8-GPU h200 placement. The operator derives the status again (Running, attempt 1)
-    and makes no other Job; the old operator took the forged Succeeded as final."""
+    """Item 6: the identity the trainer pod runs as (it mounts no token) cannot forge phase
+    Succeeded, a result, attempts 3 and an 8-GPU h200 placement: the API server refuses
+    it. The same forgery of attempts and placement by someone who may write status is
+    undone: the operator derives the status again (Running, attempt 1) and makes no other
+    Job; the old operator took a forged Succeeded as final."""
     op = start_operator(local_cluster, [ns], tmp_path, INSTANCE)
     try:
         kube.apply(job_of("forged", ns, RUNNING))
         before = kube.wait_phase(ns, "forged", "Running", timeout=90)
+        pod = kube.list("pods", ns, "lorajob.dev/job-name=forged")[0]
+        assert pod["spec"]["automountServiceAccountToken"] is False
+        identity = f"system:serviceaccount:{ns}:{pod['spec'].get('serviceAccountName', 'default')}"
         forged = {"status": {"phase": "Succeeded", "attempts": 3,
                              "result": {"adapterUri": "s3://lora-test/elsewhere/"},
                              "placement": {"vramClass": "h200-141gb", "gpus": 8}}}
+        with pytest.raises(RuntimeError, match=r"(?i)forbidden"):
+            kube.run("patch", "lorajob", "forged", "-n", ns, "--subresource=status",
+                     "--type=merge", "-p", json.dumps(forged), f"--as={identity}")
+        assert kube.status(ns, "forged")["phase"] == "Running"
+        del forged["status"]["phase"], forged["status"]["result"]
         kube.run("patch", "lorajob", "forged", "-n", ns, "--subresource=status", "--type=merge",
-                 "-p", json.dumps(forged), f"--as=system:serviceaccount:{ns}:forged-trainer")
+                 "-p", json.dumps(forged))
 
         def restored() -> dict[str, Any] | None:
             st = kube.status(ns, "forged")

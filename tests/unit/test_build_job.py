@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 
 from lora_operator import api, contract
 from lora_operator.build import job, names
@@ -103,8 +104,25 @@ def test_read_only_root_with_writable_tmp_and_scratch() -> None:
     assert {"/tmp", job.SCRATCH_DIR, contract.CONFIG_DIR, "/dev/shm"} <= set(mounts)
     assert mounts[contract.CONFIG_DIR]["readOnly"] is True
     vols = {v["name"]: v for v in pod_spec(build())["volumes"]}
-    assert vols["config"]["configMap"]["name"] == "bot-trainer"
     assert vols["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "100Gi"}}
+
+
+def test_config_is_the_pods_own_annotation_read_as_a_file() -> None:
+    """No ConfigMap: the downwardAPI volume turns the pod template's config annotation
+    into `CONFIG_DIR/CONFIG_KEY`, the file the trainer is pointed at."""
+    j = build(attempt=2)
+    vols = {v["name"]: v for v in pod_spec(j)["volumes"]}
+    assert vols["config"] == {"name": "config", "downwardAPI": {"items": [{
+        "path": contract.CONFIG_KEY,
+        "fieldRef": {"fieldPath": f"metadata.annotations['{names.CONFIG_ANNOTATION}']"}}]}}
+    mount = next(m for m in container(j)["volumeMounts"] if m["name"] == "config")
+    env = {e["name"]: e for e in container(j)["env"]}
+    assert env[contract.CONFIG_ENV]["value"] == f"{mount['mountPath']}/{contract.CONFIG_KEY}"
+    text = j["spec"]["template"]["metadata"]["annotations"][names.CONFIG_ANNOTATION]
+    cfg = contract.TrainerConfig.model_validate(yaml.safe_load(text))
+    assert cfg.job == contract.JobIdentity(name="bot", namespace="ml", uid="u-1", attempt=2)
+    assert cfg.placement.vram_class == "l4-24gb"
+    assert "configMap" not in str(pod_spec(j))
 
 
 def test_local_disk_is_bounded() -> None:
@@ -259,8 +277,9 @@ def test_job_shape(attempt: int) -> None:
     assert spec["suspend"] is False
     ps = pod_spec(j)
     assert ps["restartPolicy"] == "Never"
-    assert ps["serviceAccountName"] == "bot-trainer"
-    assert ps["automountServiceAccountToken"] is True
+    # No API identity: the namespace's default ServiceAccount, its token not mounted.
+    assert "serviceAccountName" not in ps
+    assert ps["automountServiceAccountToken"] is False
     c = container(j)
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert c["terminationMessagePath"] == contract.TERMINATION_MESSAGE_PATH

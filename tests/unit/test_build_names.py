@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from lora_operator import api
 from lora_operator.build import names
+from lora_operator.build.preflight_job import preflight_job_name
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -24,14 +25,14 @@ def owner() -> names.Owner:
 
 def test_short_names_are_readable() -> None:
     assert names.job_name("support-bot", 1) == "support-bot-a1"
-    assert names.trainer_name("support-bot") == "support-bot-trainer"
+    assert preflight_job_name("support-bot") == "support-bot-preflight"
 
 
 @given(lorajob_names, st.integers(min_value=1, max_value=MAX_ATTEMPT))
 def test_names_are_deterministic_dns_labels(name: str, attempt: int) -> None:
     """Every name the CRD admits gives child names that fit as they are, unshortened."""
     assert len(name) <= api.MAX_NAME_LENGTH
-    for made in (names.job_name(name, attempt), names.trainer_name(name)):
+    for made in (names.job_name(name, attempt), preflight_job_name(name)):
         assert len(made) <= 63
         assert DNS_LABEL.match(made), made
         assert made.startswith(name)
@@ -41,22 +42,24 @@ def test_names_are_deterministic_dns_labels(name: str, attempt: int) -> None:
 @given(lorajob_names, lorajob_names, st.integers(min_value=1, max_value=MAX_ATTEMPT))
 def test_two_lorajobs_never_share_a_child_name(a: str, b: str, attempt: int) -> None:
     """The collision of issue 13 (hash-shortened names) cannot happen: distinct LoRAJob
-    names give distinct trainer objects and Jobs."""
+    names give distinct preflight and trainer Jobs."""
     if a != b:
-        assert names.trainer_name(a) != names.trainer_name(b)
+        assert preflight_job_name(a) != preflight_job_name(b)
         assert names.job_name(a, attempt) != names.job_name(b, attempt)
 
 
 def test_names_too_long_for_their_children_are_refused_not_hashed() -> None:
-    """The 55- and 67-character pair that used to share `-trainer` objects: both refused
+    """The 55- and 67-character pair that used to share child objects: both refused
     (the CRD refuses them first; the operator fails one created before the rule)."""
     a = "x" * 47 + "-support"  # 55
     b = a + "-" + "y" * 11  # 67
     for long_name in (a, b):
         with pytest.raises(names.NameTooLongError, match=r"at most 52"):
-            names.trainer_name(long_name)
+            names.job_name(long_name, 1)
+        with pytest.raises(names.NameTooLongError, match=r"at most 52"):
+            preflight_job_name(long_name)
     longest = "z" * api.MAX_NAME_LENGTH
-    assert names.trainer_name(longest) == longest + "-trainer"
+    assert preflight_job_name(longest) == longest + "-preflight"
     assert names.job_name(longest, MAX_ATTEMPT) == longest + f"-a{MAX_ATTEMPT}"
 
 

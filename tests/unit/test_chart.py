@@ -1,5 +1,5 @@
 """The Helm chart (charts/lora-operator): lint, schema, rendering, RBAC, and agreement with the
-operator's own code (settings model, CLI flags, the per-job Role it must be allowed to grant).
+operator's own code (settings model, CLI flags, the API calls it makes).
 
 Needs the helm binary that hack/cluster/build.sh builds; no cluster. Server-side validation
 of the rendered manifests against a real API server is in tests/e2e/test_chart_server.py.
@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from bench import report
-from lora_operator.build import names, rbac
 from lora_operator.cli import build_parser
 from lora_operator.settings import default_settings_text, parse_settings
 from tests.unit.test_chart_helpers import CHART, KUBE_VERSION, REPO, by_kind, helm_binary, one, render
@@ -251,17 +250,14 @@ def _allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -
 
 NEEDED = [  # what operator/reconcile/kube.py calls plus kopf's list/watch and Event posts
     ("lorajob.dev", "lorajobs", ["get", "list", "watch", "delete"]),
-    ("lorajob.dev", "lorajobs/status", ["get", "patch"]),
+    ("lorajob.dev", "lorajobs/status", ["patch"]),
     # operator/reconcile/sweep_controller.py: trials are LoRAJobs the sweep creates
     ("lorajob.dev", "lorajobs", ["create"]),
     ("lorajob.dev", "lorasweeps", ["get", "list", "watch"]),
     ("lorajob.dev", "lorasweeps/status", ["patch"]),
     ("batch", "jobs", ["create", "get", "list", "watch", "patch"]),
-    ("", "configmaps", ["create", "patch"]),
-    ("", "serviceaccounts", ["create"]),
-    ("rbac.authorization.k8s.io", "roles", ["create"]),
-    ("rbac.authorization.k8s.io", "rolebindings", ["create"]),
     ("", "pods", ["list", "watch"]),
+    ("", "pods/log", ["get"]),  # a running trainer's progress (it holds no API token)
     ("", "events", ["create"]),
 ]
 
@@ -289,14 +285,22 @@ def test_rbac_is_least_privilege(values: dict[str, Any]) -> None:
             "namespaced objects must not be granted cluster-wide when namespaces are listed"
 
 
-def test_operator_may_grant_the_per_job_role() -> None:
-    """RBAC escalation check: the operator can only create the trainer's Role if it holds
-    every permission in it itself."""
-    owner = names.Owner(name="demo", namespace="ml", uid="u-1")
-    role = rbac.role(owner)
-    rules = _rules(_render({}), "ClusterRole")
-    for rule in role["rules"]:
-        for group in rule["apiGroups"]:
-            for resource in rule["resources"]:
-                for verb in rule["verbs"]:
-                    assert _allows(rules, group, resource, verb), f"{verb} {group}/{resource}"
+@pytest.mark.parametrize("values", [{}, {"watchNamespaces": ["ml"]}])
+def test_operator_holds_no_rights_to_make_identities_or_config(values: dict[str, Any]) -> None:
+    """The Job is a LoRAJob's only child: the trainer pod has no API identity (no
+    ServiceAccount, Role or RoleBinding per job) and reads its config from its own pod,
+    so the operator holds none of those rights, nor any to grant (RBAC escalation), and
+    of pods it may only list, watch and read the logs."""
+    docs = _render(values)
+    rules = _rules(docs, "ClusterRole") + _rules(docs, "Role")
+    for group, resource in (("", "configmaps"), ("", "serviceaccounts"),
+                            ("rbac.authorization.k8s.io", "roles"),
+                            ("rbac.authorization.k8s.io", "rolebindings"),
+                            ("rbac.authorization.k8s.io", "clusterroles"),
+                            ("rbac.authorization.k8s.io", "clusterrolebindings")):
+        for verb in ("create", "patch", "update", "get"):
+            assert not _allows(rules, group, resource, verb), f"{verb} {group}/{resource}"
+    assert not _allows(rules, "lorajob.dev", "lorajobs/status", "get")
+    pod_rights = {(res, verb) for r in rules if "" in r["apiGroups"]
+                  for res in r["resources"] if res.startswith("pods") for verb in r["verbs"]}
+    assert pod_rights == {("pods", "list"), ("pods", "watch"), ("pods/log", "get")}

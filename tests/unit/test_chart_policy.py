@@ -77,12 +77,15 @@ def _allowed_ports(np: dict[str, Any]) -> set[int]:
 
 
 def test_egress_is_default_deny_with_only_the_listed_exceptions() -> None:
+    """The operator may reach the API server; a trainer, which holds no API credentials,
+    only DNS, S3 and public HTTPS (no 6443, the API server's own port)."""
     nps = _policies({})
     (operator,) = nps["operator"]
     (trainer,) = nps["trainer"]
+    assert _allowed_ports(operator) == {53, 443, 6443, 8333, 9000}
+    assert _allowed_ports(trainer) == {53, 443, 8333, 9000}
     for np in (operator, trainer):
         assert np["spec"]["policyTypes"] == ["Egress"]
-        assert _allowed_ports(np) == {53, 443, 6443, 8333, 9000}
         for rule in np["spec"]["egress"]:
             for peer in rule.get("to", []):
                 assert "169.254.0.0/16" in peer["ipBlock"].get("except", []) or \
@@ -93,12 +96,18 @@ def test_egress_is_default_deny_with_only_the_listed_exceptions() -> None:
 def test_egress_cidrs_and_namespaces_from_values() -> None:
     nps = _policies({"watchNamespaces": ["ml"], "networkPolicy": {
         "trainerNamespaces": ["research"], "trainerPublicHttps": False,
+        "apiServer": {"cidrs": ["10.96.0.1/32"], "ports": [443]},
         "s3": {"cidrs": ["10.20.0.0/16"], "ports": [9000]}}})
     assert sorted(np["metadata"]["namespace"] for np in nps["trainer"]) == ["ml", "research"]
-    s3_rule = nps["trainer"][0]["spec"]["egress"][2]
-    assert s3_rule == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
-                       "ports": [{"port": 9000, "protocol": "TCP"}]}
-    assert _allowed_ports(nps["trainer"][0]) == {53, 443, 6443, 9000}
+    api_rule = {"to": [{"ipBlock": {"cidr": "10.96.0.1/32"}}],
+                "ports": [{"port": 443, "protocol": "TCP"}]}
+    s3_rule = {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+               "ports": [{"port": 9000, "protocol": "TCP"}]}
+    (operator,) = nps["operator"]
+    assert operator["spec"]["egress"][1:] == [api_rule, s3_rule]
+    for trainer in nps["trainer"]:
+        assert trainer["spec"]["egress"][1:] == [s3_rule]  # DNS, then S3 only: no API server
+        assert _allowed_ports(trainer) == {53, 9000}
     assert not by_kind(_render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 

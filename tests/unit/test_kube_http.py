@@ -36,7 +36,7 @@ from lora_operator.reconcile.kube import (
 )
 from lora_operator.reconcile.sweep_controller import SweepKube
 
-Reply = tuple[int, dict[str, Any]]
+Reply = tuple[int, dict[str, Any] | str]  # a str: a plain-text answer (a pod's log)
 
 
 @dataclass
@@ -45,22 +45,29 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: Any
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class FakeApiServer:
-    """Records every request; `reply` decides the answer (default 200 with the body)."""
+    """Records every request; `reply` decides the answer (default 200 with the body),
+    given after `delay` seconds."""
 
     reply: Callable[[Seen], Reply] = field(default=lambda seen: (200, seen.body or {}))
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
+    delay: float = 0.0
 
     async def handle(self, request: web.Request) -> web.Response:
         text = await request.text()
         seen = Seen(request.method, request.path, dict(request.headers),
-                    json.loads(text) if text else None)
+                    json.loads(text) if text else None, dict(request.query))
         self.seen.append(seen)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         status, body = self.reply(seen)
+        if isinstance(body, str):
+            return web.Response(text=body, status=status)
         return web.json_response(body, status=status)
 
 
@@ -86,9 +93,9 @@ def status_body(code: int, reason: str, message: str) -> dict[str, Any]:
             "reason": reason, "message": message}
 
 
-def child(kind: str = "ServiceAccount", owner_uid: str = "uid-1") -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": kind,
-            "metadata": {"name": "ft-trainer", "namespace": "ml",
+def child(kind: str = "Job", owner_uid: str = "uid-1") -> dict[str, Any]:
+    return {"apiVersion": "batch/v1", "kind": kind,
+            "metadata": {"name": "ft-a1", "namespace": "ml",
                          "ownerReferences": [{"kind": "LoRAJob", "name": "ft", "uid": owner_uid,
                                               "controller": True}]}}
 
@@ -125,25 +132,23 @@ def test_create_posts_json_and_returns_the_object() -> None:
     out: list[Any] = []
 
     def reply(seen: Seen) -> Reply:
-        return 201, {**seen.body, "metadata": {**seen.body["metadata"], "uid": "sa-1"}}
+        return 201, {**seen.body, "metadata": {**seen.body["metadata"], "uid": "job-1"}}
 
     async def scenario(server: FakeApiServer) -> None:
         out.append(await using(server, lambda k: k.create(child())))
 
     server = run(scenario, reply)
     (obj, created), = out
-    assert created is True and obj["metadata"]["uid"] == "sa-1"
+    assert created is True and obj["metadata"]["uid"] == "job-1"
     (req,) = server.seen
-    assert (req.method, req.path) == ("POST", "/api/v1/namespaces/ml/serviceaccounts")
+    assert (req.method, req.path) == ("POST", "/apis/batch/v1/namespaces/ml/jobs")
     assert req.headers["Content-Type"] == "application/json"
     assert req.headers["Authorization"] == "Bearer t0"
     assert req.body == child()
 
 
 @pytest.mark.parametrize(("kind", "path"), [
-    ("Role", "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/roles"),
-    ("RoleBinding", "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/rolebindings"),
-    ("ConfigMap", "/api/v1/namespaces/ml/configmaps"),
+    ("Pod", "/api/v1/namespaces/ml/pods"),
     ("Job", "/apis/batch/v1/namespaces/ml/jobs"),
     ("LoRAJob", "/apis/lorajob.dev/v1alpha1/namespaces/ml/lorajobs"),
     ("LoRASweep", "/apis/lorajob.dev/v1alpha1/namespaces/ml/lorasweeps"),
@@ -156,8 +161,7 @@ def test_every_kind_has_its_api_path(kind: str, path: str) -> None:
 def _already_exists_then(existing: dict[str, Any]) -> Callable[[Seen], Reply]:
     def reply(seen: Seen) -> Reply:
         if seen.method == "POST":
-            return 409, status_body(409, "AlreadyExists", "serviceaccounts \"ft-trainer\" "
-                                    "already exists")
+            return 409, status_body(409, "AlreadyExists", 'jobs.batch "ft-a1" already exists')
         return 200, existing
     return reply
 
@@ -172,15 +176,15 @@ def test_409_with_the_same_controller_adopts_the_existing_object() -> None:
     server = run(scenario, _already_exists_then(existing))
     assert out == [(existing, False)]
     assert [(s.method, s.path) for s in server.seen] == [
-        ("POST", "/api/v1/namespaces/ml/serviceaccounts"),
-        ("GET", "/api/v1/namespaces/ml/serviceaccounts/ft-trainer")]
+        ("POST", "/apis/batch/v1/namespaces/ml/jobs"),
+        ("GET", "/apis/batch/v1/namespaces/ml/jobs/ft-a1")]
 
 
 @pytest.mark.parametrize("theirs", [child(owner_uid="someone-else"),
-                                    {"kind": "ServiceAccount", "metadata": {"name": "ft-trainer"}}])
+                                    {"kind": "Job", "metadata": {"name": "ft-a1"}}])
 def test_409_with_a_foreign_owner_is_a_name_conflict(theirs: dict[str, Any]) -> None:
     async def scenario(server: FakeApiServer) -> None:
-        with pytest.raises(NameConflictError, match="ServiceAccount ml/ft-trainer"):
+        with pytest.raises(NameConflictError, match="Job ml/ft-a1"):
             await using(server, lambda k: k.create(child()))
 
     server = run(scenario, _already_exists_then(theirs))
@@ -206,25 +210,6 @@ def test_server_errors_and_transient_refusals_raise_a_retryable_api_error(status
         assert info.value.status == status and "etcd is sad" in str(info.value)
 
     run(scenario, lambda seen: (status, status_body(status, "InternalError", "etcd is sad")))
-
-
-def test_an_existing_config_map_of_ours_gets_its_data_merge_patched() -> None:
-    body = {**child("ConfigMap"), "data": {"trainer.yaml": "new"}}
-    body["metadata"]["labels"] = {"a": "b"}
-
-    def reply(seen: Seen) -> Reply:
-        if seen.method == "POST":
-            return 409, status_body(409, "AlreadyExists", "exists")
-        return 200, {**child("ConfigMap"), "data": {"trainer.yaml": "old"}}
-
-    async def scenario(server: FakeApiServer) -> None:
-        await using(server, lambda k: k.replace_config_map_data(body))
-
-    server = run(scenario, reply)
-    patch = server.seen[-1]
-    assert (patch.method, patch.path) == ("PATCH", "/api/v1/namespaces/ml/configmaps/ft-trainer")
-    assert patch.headers["Content-Type"] == "application/merge-patch+json"
-    assert patch.body == {"metadata": {"labels": {"a": "b"}}, "data": {"trainer.yaml": "new"}}
 
 
 # ------------------------------------------------------------------------- status, delete, read
@@ -293,6 +278,57 @@ def test_delete_lorajob_and_reads() -> None:
     assert server.seen[2].path == "/apis/lorajob.dev/v1alpha1/namespaces/ml/lorajobs/ft"
     assert server.seen[3].body == {"spec": {"suspend": True}}
     assert server.seen[3].headers["Content-Type"] == "application/merge-patch+json"
+
+
+# ------------------------------------------------------------------------- a pod's log
+
+
+LOG = '{"event": "progress", "step": 3}\n{"event": "checkpoint", "step": 3}\n'
+
+
+def test_read_log_gets_the_tail_of_one_container_as_text() -> None:
+    out: list[Any] = []
+
+    async def scenario(server: FakeApiServer) -> None:
+        out.append(await using(server, lambda k: k.read_log("ml", "ft-a1-x7k2p", "trainer",
+                                                            50, 32768)))
+
+    server = run(scenario, lambda seen: (200, LOG))
+    assert out == [LOG]  # the text as it is, not decoded as JSON
+    (req,) = server.seen
+    assert (req.method, req.path) == ("GET", "/api/v1/namespaces/ml/pods/ft-a1-x7k2p/log")
+    assert req.query == {"container": "trainer", "tailLines": "50", "limitBytes": "32768"}
+    assert req.headers["Authorization"] == "Bearer t0"
+
+
+@pytest.mark.parametrize("status", [404, 500, 502])
+def test_read_log_errors_raise_an_api_error(status: int) -> None:
+    """A pod gone, a kubelet unreachable: the caller decides (the controller skips a read)."""
+    async def scenario(server: FakeApiServer) -> None:
+        with pytest.raises(ApiError) as info:
+            await using(server, lambda k: k.read_log("ml", "p", "trainer", 50, 32768))
+        assert info.value.status == status and "kubelet" in str(info.value)
+
+    run(scenario, lambda seen: (status, status_body(status, "x", "the kubelet did not answer")))
+
+
+def test_a_slow_log_times_out_long_before_other_requests() -> None:
+    """A log passes through the pod's node: a node that does not answer must not hold a
+    reconcile worker for the client's whole request timeout."""
+    assert kube_mod.LOG_TIMEOUT_SECONDS < kube_mod.REQUEST_TIMEOUT_SECONDS
+    server = FakeApiServer(lambda seen: (200, LOG), delay=1.0)
+
+    async def body() -> None:
+        async with serving(server):
+            client = client_for(server)
+            try:
+                with pytest.raises(TimeoutError):
+                    await client.text("/api/v1/namespaces/ml/pods/p/log", timeout=0.2)
+            finally:
+                await client.close()
+
+    asyncio.run(body())
+    assert len(server.seen) == 1
 
 
 # ------------------------------------------------------------------------- the sweep's calls

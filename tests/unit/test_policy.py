@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from lora_operator import api, contract
-from lora_operator.build import config_map, names
+from lora_operator.build import names, trainer_config
 from lora_operator.plan import policy
 from lora_operator.settings import load_settings
 
@@ -99,11 +99,11 @@ def test_prefixes_travel_to_the_trainer_config() -> None:
     s = BASE.model_copy(update={"storage_prefixes": {"*": ["s3://adapters/{namespace}/"]}})
     owner = names.Owner(name="bot", namespace="team-a", uid=UID)
     placement = api.Placement(method="lora", gpus=1)
-    cfg = config_map.trainer_config(owner, spec(), placement, 1, s)
+    cfg = trainer_config.trainer_config(owner, spec(), placement, 1, s)
     assert cfg.allowed_output_prefixes == ["s3://adapters/team-a/"]
-    rendered = config_map.render(cfg)
+    rendered = trainer_config.render(cfg)
     assert "allowedOutputPrefixes" in rendered
-    assert config_map.trainer_config(owner, spec(), placement, 1, BASE) \
+    assert trainer_config.trainer_config(owner, spec(), placement, 1, BASE) \
         .allowed_output_prefixes is None
 
 

@@ -65,7 +65,7 @@ def test_passed_preflight_writes_the_report_then_creates_the_trainer_job() -> No
     st = kube.lorajob["status"]
     assert st["dataset"]["splits"]["train"]["rows"] == 9
     assert next(c for c in st["conditions"] if c["type"] == "DatasetValidated")["status"] == "True"
-    assert "DatasetValidated" in [e.reason for e in events]
+    assert events == []  # a passed check needs no attention: the condition says it
 
 
 def test_bad_dataset_fails_without_a_trainer_job() -> None:

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+import yaml
 
 from lora_operator import api, contract
 from lora_operator.build import job, names, preflight_job
@@ -64,7 +65,7 @@ def test_preflight_job_is_restricted_and_holds_no_api_token() -> None:
     pod = build()["spec"]["template"]["spec"]
     assert restricted_violations(pod) == []
     assert pod["automountServiceAccountToken"] is False
-    assert pod["serviceAccountName"] == names.trainer_name("bot")
+    assert "serviceAccountName" not in pod  # the namespace's default, its token unmounted
 
 
 def test_preflight_job_gets_config_and_credentials_by_reference_only() -> None:
@@ -78,7 +79,19 @@ def test_preflight_job_gets_config_and_credentials_by_reference_only() -> None:
     assert refs == {"model-creds", "data-creds", "s3-creds"}
     assert all("value" not in e for e in c["env"] if e["name"].endswith("SECRET_ACCESS_KEY"))
     vols = {v["name"]: v for v in j["spec"]["template"]["spec"]["volumes"]}
-    assert vols["config"]["configMap"]["name"] == names.trainer_name("bot")
+    trainer_vols = {v["name"]: v for v in trainer["spec"]["template"]["spec"]["volumes"]}
+    assert vols["config"] == trainer_vols["config"]
+    assert "downwardAPI" in vols["config"]  # the pod's own annotation, not a ConfigMap
+
+
+def test_preflight_config_is_its_pods_annotation_without_a_placement() -> None:
+    """The config rides in the preflight pod's own annotation (no ConfigMap); no placement
+    is planned yet when the dataset is checked."""
+    ann = build(dev_mode=False)["spec"]["template"]["metadata"]["annotations"]
+    cfg = contract.TrainerConfig.model_validate(yaml.safe_load(ann[names.CONFIG_ANNOTATION]))
+    assert cfg.job == contract.JobIdentity(name="bot", namespace="ml", uid="u-1", attempt=1)
+    assert cfg.placement == api.Placement()
+    assert cfg.spec.dataset.uri == "s3://data/train.jsonl"
 
 
 def test_preflight_job_is_owned_watched_and_not_an_attempt() -> None:

@@ -12,7 +12,9 @@ from typing import Any
 from kopf._cogs.clients import api as kopf_api
 from kopf._cogs.clients import fetching, watching
 
+from lora_operator.build import names
 from lora_operator.reconcile import projection
+from tests.unit.test_build_job import build
 from tests.unit.test_handlers_index import real_job, real_pod
 
 LORAJOB = {"apiVersion": "lorajob.dev/v1alpha1", "kind": "LoRAJob",
@@ -32,6 +34,24 @@ def test_pod_keeps_metadata_status_node_and_container_resources() -> None:
                             "containers": [{"name": "trainer",
                                             "resources": full["spec"]["containers"][0]["resources"]}]}
     assert len(json.dumps(slim)) < len(json.dumps(full)) / 2
+
+
+def test_pod_loses_the_trainer_config_annotation_and_keeps_the_others() -> None:
+    """The trainer's config (a few KB only the trainer reads, through its downwardAPI
+    volume) is not held for every pod the operator watches."""
+    full = real_pod("Running")
+    full["metadata"]["annotations"] = dict(build()["spec"]["template"]["metadata"]["annotations"])
+    assert len(full["metadata"]["annotations"][names.CONFIG_ANNOTATION]) > 500
+    slim = projection.project(copy.deepcopy(full))
+    assert slim["metadata"]["annotations"] == {
+        k: v for k, v in full["metadata"]["annotations"].items() if k != names.CONFIG_ANNOTATION}
+    assert slim["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "trainer"
+    assert projection.project(copy.deepcopy(slim)) == slim
+    # Only pods: an annotation of that name on another kind is not the operator's to drop.
+    for other in (real_job(), copy.deepcopy(LORAJOB)):
+        other["metadata"]["annotations"] = {names.CONFIG_ANNOTATION: "kept", "x": "y"}
+        assert projection.project(other)["metadata"]["annotations"] == {
+            names.CONFIG_ANNOTATION: "kept", "x": "y"}
 
 
 def test_job_keeps_the_spec_keys_the_controller_reads() -> None:

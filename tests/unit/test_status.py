@@ -444,9 +444,72 @@ def test_cost_unpriced_class_has_hours_only() -> None:
     assert st.cost([pod("Running")], SETTINGS) is None
 
 
-def test_milestones_are_warnings_and_the_steps_users_act_on() -> None:
-    assert st.milestone(st.Event("Normal", "TrainerRunning", "training on node-1"))
-    assert st.milestone(st.Event("Normal", "Completed", "adapter verified"))
-    assert st.milestone(st.Event("Warning", "Pending", "0/3 nodes are available"))
-    assert not st.milestone(st.Event("Normal", "WaitingForPod", "waiting for the pod"))
-    assert not st.milestone(st.Event("Normal", "Exporting", "trainer finished; Job completing"))
+def test_only_warnings_are_posted_as_events() -> None:
+    """The way through the phases is in the conditions; an Event is posted only for what
+    needs attention (every Event is one more API write per job)."""
+    assert st.milestone(st.Event("Warning", "Unschedulable", "0/3 nodes are available"))
+    assert st.milestone(st.Event("Warning", "ManifestMissing", "no manifest in storage"))
+    for reason in ("TrainerRunning", "Completed", "WaitingForPod", "Exporting", "CreatingJob"):
+        assert not st.milestone(st.Event("Normal", reason, "a step")), reason
+    unschedulable = derive(lorajob(), job(), [pod("Pending", unschedulable="no gpu")])
+    assert [e.reason for e in unschedulable.events if st.milestone(e)] == ["Unschedulable"]
+    running = derive(lorajob("Scheduling"), job(), [pod("Running")])
+    assert running.events and not any(st.milestone(e) for e in running.events)
+
+
+@pytest.mark.parametrize(("j", "pods", "phase", "brief"), [
+    (None, [], "Pending", ""),  # CreatingJob: the Job is made in the same reconcile
+    (job(), [], "Scheduling", "WaitingForPod"),
+    (job(), [pod("Pending", node=None)], "Scheduling", "Pending"),
+    (job(), [pod("Pending")], "Scheduling", "ContainerCreating"),
+    (job(), [pod("Pending", unschedulable="no gpu")], "Scheduling", ""),  # Unschedulable
+    (job(), [pod("Running")], "Running", ""),
+    (job(), [pod("Succeeded", message=result_json())], "Uploading", "Exporting"),
+    (_completed_at(job(("Complete", "")), "2025-01-01T11:59:30Z"), [pod("Running")],
+     "Uploading", "WaitingForPodStatus"),
+], ids=["creating-job", "waiting-for-pod", "pending", "container-creating", "unschedulable",
+        "running", "exporting", "waiting-for-pod-status"])
+def test_brief_steps_are_flagged(j: dict[str, Any] | None, pods: list[dict[str, Any]],
+                                 phase: str, brief: str) -> None:
+    """Steps that usually last moments may wait a progress interval before they are
+    written (`brief` names the step); what a user acts on (unschedulable, running) may not."""
+    d = derive(lorajob("Scheduling"), j, pods)
+    assert (d.phase.value, d.brief) == (phase, brief)
+
+
+def test_progress_read_from_the_log_replaces_the_status_progress() -> None:
+    lj = lorajob("Scheduling")
+    merge(lj["status"], derive(lj, job(), [pod("Running")]).patch)
+    lj["status"]["progress"] = {"step": 10, "totalSteps": 900, "loss": 2.0}
+    assert "progress" not in derive(lj, job(), [pod("Running")]).patch  # nothing read: kept
+    read = {"step": 450, "totalSteps": 900, "percent": 50.0}
+    d = derive(lj, job(), [pod("Running")], progress=read)
+    assert d.phase == api.Phase.RUNNING
+    merge(lj["status"], d.patch)
+    assert lj["status"]["progress"] == read  # replaced whole: the stale loss is gone
+    assert derive(lj, job(), [pod("Running")], progress=read).patch == {}  # converged
+
+
+def test_progress_at_the_last_step_means_uploading() -> None:
+    lj = lorajob("Running", progress={"step": 10, "totalSteps": 900}, startTime=T0)
+    d = derive(lj, job(), [pod("Running")], progress={"step": 900, "totalSteps": 900})
+    assert d.phase == api.Phase.UPLOADING
+    assert d.patch["progress"]["step"] == 900
+    assert conds(d)["Uploading"] == "True"
+
+
+def test_success_completes_the_progress_from_the_result() -> None:
+    """The last log read may have missed the last steps: at Succeeded the status shows the
+    run finished (the trainer's own step count), keeping what it last read otherwise."""
+    lj = lorajob("Uploading", startTime=T0, progress={
+        "step": 880, "totalSteps": 900, "percent": 97.78, "loss": 0.5, "etaSeconds": 12.0})
+    d = derive(lj, job(("Complete", "")), [pod("Succeeded", message=result_json(steps=900))],
+               manifest=ManifestCheck(True, "manifest verified in storage"))
+    assert d.phase == api.Phase.SUCCEEDED
+    merge(lj["status"], d.patch)
+    assert lj["status"]["progress"] == {"step": 900, "totalSteps": 900, "percent": 100.0,
+                                        "loss": 0.5, "etaSeconds": 0.0}
+    unknown = lorajob("Uploading", startTime=T0, progress={"step": 880, "totalSteps": 900})
+    d = derive(unknown, job(("Complete", "")), [pod("Succeeded", message=result_json())],
+               manifest=ManifestCheck(True, "manifest verified in storage"))
+    assert d.phase == api.Phase.SUCCEEDED and "progress" not in d.patch

@@ -1,6 +1,7 @@
 """The controller's reconcile flow against an in-memory API (no cluster): planning writes
-status before any child exists, children are created once by name (409 = adopt), suspend
-and Kueue rules, out-of-memory escalation, conflicts, TTL."""
+status before any child exists, the Job is created once by name (409 = adopt), suspend
+and Kueue rules, out-of-memory escalation, conflicts, TTL, progress read from the trainer's
+log and brief steps held back for a progress interval."""
 
 from __future__ import annotations
 
@@ -11,18 +12,27 @@ from typing import Any
 
 import pytest
 
-from lora_operator import api
+from lora_operator import api, metrics
 from lora_operator.build import names
 from lora_operator.reconcile import controller as ctl_mod
-from lora_operator.reconcile import planning
-from lora_operator.reconcile.controller import VERIFIED_ANNOTATION, Controller, DictView
-from lora_operator.reconcile.kube import ChildRejectedError, NameConflictError, controller_uid
+from lora_operator.reconcile import planning, progress_reader
+from lora_operator.reconcile.controller import (
+    Controller,
+    DictView,
+)
+from lora_operator.reconcile.kube import (
+    ApiError,
+    ChildRejectedError,
+    NameConflictError,
+    controller_uid,
+)
 from lora_operator.reconcile.manifest import CREDENTIAL_ENV
 from lora_operator.reconcile.status import Event
 from lora_operator.settings import load_settings
 
 SETTINGS = load_settings()
 KEY = ("ml", "bot")
+INTERVAL = SETTINGS.progress_interval_seconds
 
 
 def merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
@@ -44,6 +54,8 @@ class FakeKube:
         self.calls: list[tuple[str, str]] = []
         self.conflicts = 0  # fail this many status patches with 409
         self.rejected: dict[tuple[str, str], str] = {}  # creates the server refuses
+        self.log: str | Exception = ""  # what reading the trainer's log gives (or raises)
+        self.log_reads: list[tuple[str, str, str, int, int]] = []
         self.rv = 1
 
     def create(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -63,19 +75,13 @@ class FakeKube:
         self.calls.append(("delete-job", name))
         return self.objects.pop(("Job", name), None) is not None
 
-    def set_job_annotation(self, namespace: str, name: str, key: str,
-                           value: str) -> dict[str, Any]:
-        self.calls.append(("annotate", f"{name}:{key}"))
-        job = self.objects[("Job", name)]
-        job["metadata"].setdefault("annotations", {})[key] = value
-        return copy.deepcopy(job)
-
-    def replace_config_map_data(self, body: dict[str, Any]) -> None:
-        self.calls.append(("configmap", body["metadata"]["name"]))
-        existing = self.objects.get(("ConfigMap", body["metadata"]["name"]))
-        if existing is not None and controller_uid(existing) != controller_uid(body):
-            raise NameConflictError("ConfigMap", "ml", body["metadata"]["name"], "foreign")
-        self.objects[("ConfigMap", body["metadata"]["name"])] = copy.deepcopy(body)
+    def read_log(self, namespace: str, pod: str, container: str, tail_lines: int,
+                 limit_bytes: int) -> str:
+        self.calls.append(("log", pod))
+        self.log_reads.append((namespace, pod, container, tail_lines, limit_bytes))
+        if isinstance(self.log, Exception):
+            raise self.log
+        return self.log
 
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.objects.get(("Job", name)))
@@ -96,7 +102,6 @@ class FakeKube:
             self.rv += 1
             self.lorajob["metadata"]["resourceVersion"] = str(self.rv)
             return None
-        assert "progress" not in status  # the trainer's field, never ours
         self.lorajob.setdefault("status", {})
         merge(self.lorajob["status"], status)
         self.rv += 1
@@ -157,19 +162,18 @@ def test_first_reconcile_creates_the_job_then_writes_status_once() -> None:
     reconcile(ctl)
     st = kube.lorajob["status"]
     assert st["placement"]["vramClass"] == "l4-24gb" and st["attempts"] == 1
-    created = [c for c in kube.calls if c[0] in ("create", "configmap")]
-    # The four children side by side (any order), all before the Job that needs them.
-    assert set(created[:4]) == {("create", "ServiceAccount/bot-trainer"),
-                                ("create", "Role/bot-trainer"),
-                                ("create", "RoleBinding/bot-trainer"), ("configmap", "bot-trainer")}
-    assert created[4:] == [("create", "Job/bot-a1")]
+    # The Job is the only child: no ServiceAccount, Role, RoleBinding or ConfigMap (the
+    # trainer's config rides in its pod template, and the trainer holds no API identity).
+    assert [c for c in kube.calls if c[0] == "create"] == [("create", "Job/bot-a1")]
+    assert list(kube.objects) == [("Job", "bot-a1")]
     # Two writes on the way to the Job: the Job, then one status patch with the placement
-    # and the phase the Job's state gives (not a Pending write before the children).
+    # and the phase the Job's state gives (not a Pending write before the Job).
     writes = [c for c in kube.calls if c[0] == "status"]
     assert writes == [("status", "Scheduling")]
     assert kube.calls.index(writes[0]) > kube.calls.index(("create", "Job/bot-a1"))
     assert kube.jobs()["bot-a1"]["spec"]["suspend"] is False
-    assert "Planned" in [e.reason for e in events]
+    assert "Planned" in {c["type"] for c in st["conditions"]}
+    assert events == []  # the way to the Job needs no attention: no Event write
 
 
 def test_a_crash_between_job_and_status_replans_to_the_same_job() -> None:
@@ -369,18 +373,18 @@ def test_finished_job_is_not_deleted_when_the_lorajob_fails() -> None:
 
 
 def test_foreign_object_with_a_child_name_is_not_adopted() -> None:
-    """Item 3: a ConfigMap of the same name that this LoRAJob does not control → Failed
-    NameConflict naming it; the foreign object is not modified and no Job is made."""
+    """Item 3: a Job of the same name that this LoRAJob does not control → Failed
+    NameConflict naming it; the foreign Job is neither modified nor deleted."""
     ctl, kube, _, _ = make(new_lorajob())
-    foreign = {"kind": "ConfigMap", "metadata": {"name": "bot-trainer", "namespace": "ml"},
-               "data": {"mine": "yes"}}
-    kube.objects[("ConfigMap", "bot-trainer")] = copy.deepcopy(foreign)
+    foreign = {"kind": "Job", "metadata": {"name": "bot-a1", "namespace": "ml"},
+               "spec": {"suspend": False, "parallelism": 1}}
+    kube.objects[("Job", "bot-a1")] = copy.deepcopy(foreign)
     reconcile(ctl)
     st = kube.lorajob["status"]
     assert st["phase"] == "Failed" and st["conditions"][-1]["reason"] == "NameConflict"
-    assert "ConfigMap ml/bot-trainer" in st["message"]
-    assert kube.objects[("ConfigMap", "bot-trainer")] == foreign
-    assert kube.jobs() == {}
+    assert "Job ml/bot-a1" in st["message"]
+    assert kube.objects == {("Job", "bot-a1"): foreign}
+    assert not [c for c in kube.calls if c[0] == "delete-job"]
 
 
 def test_rejected_child_fails_with_the_servers_message() -> None:
@@ -408,24 +412,24 @@ def test_errors_back_off_exponentially_and_reset_on_success() -> None:
     assert ctl._errors.failures(KEY) == 0
 
 
-def test_status_written_by_the_trainer_decides_nothing() -> None:
-    """Item 6: the trainer's token may patch any status field. A forged Succeeded (not
-    recorded on the Job by the operator) is derived again; forged attempts and placement
-    neither make a new Job nor change the one the operator builds."""
+def test_a_status_that_disagrees_with_the_jobs_decides_nothing(clock: Clock) -> None:
+    """Item 6: a status may lag the Jobs (a patch lost to a crash) or be edited by hand:
+    its attempts and placement neither make a new Job nor change the one the operator
+    builds (the attempt is counted from the Jobs, the placement planned)."""
     ctl, kube, view, _ = make(new_lorajob())
     running(ctl, kube, view)
-    forged = copy.deepcopy(kube.lorajob)
-    forged["status"].update({"phase": "Succeeded", "attempts": 3,
-                             "result": {"adapterUri": "s3://elsewhere/"},
-                             "placement": {**forged["status"]["placement"],
+    edited = copy.deepcopy(kube.lorajob)
+    edited["status"].update({"attempts": 3,
+                             "placement": {**edited["status"]["placement"],
                                            "vramClass": "h200-141gb", "gpus": 8}})
-    kube.lorajob = copy.deepcopy(forged)
-    view.lorajobs[KEY] = forged
+    kube.lorajob = copy.deepcopy(edited)
+    view.lorajobs[KEY] = edited
+    reconcile(ctl)  # still waiting for the pod, a brief step: corrected an interval later
+    clock.now += INTERVAL
     reconcile(ctl)
-    assert kube.lorajob["status"]["phase"] != "Succeeded"
     assert kube.lorajob["status"]["attempts"] == 1
     assert sorted(kube.jobs()) == ["bot-a1"]
-    # A restarted operator (nothing in memory) re-plans instead of reading the forgery.
+    # A restarted operator (nothing in memory) re-plans instead of reading the status.
     del kube.objects[("Job", "bot-a1")]
     view.job_map[KEY] = {}
     view.lorajobs[KEY] = copy.deepcopy(kube.lorajob)
@@ -434,7 +438,9 @@ def test_status_written_by_the_trainer_decides_nothing() -> None:
     assert job["metadata"]["labels"][names.VRAM_CLASS_LABEL] == "l4-24gb"
 
 
-def test_success_is_recorded_on_the_job_and_then_final(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_success_is_final_and_completes_the_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the operator writes the status, so a Succeeded it wrote is final: reconciling
+    it again reads, writes and creates nothing, though the Job still exists."""
     for name in CREDENTIAL_ENV:  # the operator has no S3 credentials: the chart's default
         monkeypatch.delenv(name, raising=False)
     ctl, kube, view, _ = make(new_lorajob())
@@ -442,7 +448,7 @@ def test_success_is_recorded_on_the_job_and_then_final(monkeypatch: pytest.Monke
     job["status"] = {"completionTime": api.now_rfc3339(),
                      "conditions": [{"type": "Complete", "status": "True"}]}
     view.job_map[KEY] = {"bot-a1": job}
-    result = ('{"exitCode": 0, "reason": "Completed", "adapterUri": "s3://out/bot/", '
+    result = ('{"exitCode": 0, "reason": "Completed", "adapterUri": "s3://out/bot/", "steps": 50, '
               '"manifestUri": "s3://out/bot/manifest.json", "manifestSha256": "' + "a" * 64 + '"}')
     view.pod_map[KEY] = {"p": {
         "metadata": {"name": "p", "labels": {names.ATTEMPT_LABEL: "1"}},
@@ -450,14 +456,204 @@ def test_success_is_recorded_on_the_job_and_then_final(monkeypatch: pytest.Monke
         "status": {"phase": "Succeeded", "containerStatuses": [
             {"name": "trainer", "state": {"terminated": {"exitCode": 0, "message": result}}}]}}}
     reconcile(ctl)  # no operator credentials in a unit test: the trainer's report is used
-    assert kube.lorajob["status"]["phase"] == "Succeeded"
-    assert ("annotate", f"bot-a1:{VERIFIED_ANNOTATION}") in kube.calls
-    assert kube.calls.index(("annotate", f"bot-a1:{VERIFIED_ANNOTATION}")) < \
-        kube.calls.index(("status", "Succeeded"))
-
-
-def test_only_milestones_are_posted_as_events() -> None:
-    ctl, _, _, events = make(new_lorajob())
+    st = kube.lorajob["status"]
+    assert st["phase"] == "Succeeded"
+    # The last step, which no log read saw (the pod was never seen running).
+    assert st["progress"] == {"step": 50, "totalSteps": 50, "percent": 100.0, "etaSeconds": 0.0}
+    assert not [c for c in kube.calls if c[0] == "log"]
+    calls = list(kube.calls)
+    view.lorajobs[KEY] = copy.deepcopy(kube.lorajob)
+    reconcile(Controller(SETTINGS, kube, view=view))  # a restarted operator, too
     reconcile(ctl)
-    # Planned is a milestone; "waiting for the Job to create a pod" is only in the status.
-    assert [e.reason for e in events] == ["Planned"]
+    assert kube.calls == calls
+    assert "bot-a1" in kube.jobs()
+
+
+def test_only_warnings_are_posted_as_events() -> None:
+    """The way through the phases is in the conditions (no Event write per step); what
+    needs attention, such as a pod no node can take, is posted."""
+    ctl, kube, view, events = make(new_lorajob())
+    running(ctl, kube, view)
+    assert events == []  # Planned, waiting for the pod: only in the status
+    view.pod_map[KEY] = {"p": trainer_pod(phase="Pending", unschedulable="0/3 nodes are available")}
+    reconcile(ctl)
+    assert kube.lorajob["status"]["phase"] == "Scheduling"
+    assert [(e.type, e.reason) for e in events] == [("Warning", "Unschedulable")]
+
+
+# ------------------------------------------------------------------ progress and brief steps
+
+
+class Clock:
+    """The controller's monotonic clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(ctl_mod, "time", fake)
+    return fake
+
+
+def trainer_pod(phase: str = "Running", node: str | None = "gpu-l4-0",
+                unschedulable: str | None = None) -> dict[str, Any]:
+    state = {"running": {"startedAt": "2025-01-01T00:01:00Z"}} if phase == "Running" else \
+        {"waiting": {"reason": "ContainerCreating"}}
+    conditions = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                   "message": unschedulable}] if unschedulable else []
+    return {"metadata": {"name": "bot-a1-x7k2p", "labels": {names.ATTEMPT_LABEL: "1"}},
+            "spec": {"nodeName": None if unschedulable else node},
+            "status": {"phase": phase, "conditions": conditions,
+                       "containerStatuses": [{"name": "trainer", "state": state}]}}
+
+
+LOG = "\n".join([
+    '{"event": "progress", "step": 30, "total_steps": 100, "percent": 30.0, "loss": 1.5}',
+    '{"event": "progress", "step": 40, "total_steps": 100, "percent": 40.0, "loss": 1.25}',
+    '{"event": "checkpoint", "step": 40, "uri": "s3://out/bot/.checkpoints/u-1/40/"}',
+    "{'not json'",
+])
+
+
+def watch(kube: FakeKube, view: DictView) -> None:
+    """The watch delivers the latest LoRAJob."""
+    view.lorajobs[KEY] = copy.deepcopy(kube.lorajob)
+
+
+def requeues(ctl: Controller) -> list[float]:
+    delays: list[float] = []
+    ctl.requeue = lambda key, delay: delays.append(delay)  # type: ignore[method-assign]
+    return delays
+
+
+def read_progress(ctl: Controller) -> None:
+    """One read of the watched trainer's log by the controller's progress reader (its own
+    task does this every interval; see test_progress_reader.py for the timing)."""
+    async def go() -> None:
+        await ctl.progress.read_once(KEY, ctl.progress._watched[KEY])
+        await ctl.progress.close()
+    asyncio.run(go())
+
+
+def test_running_trainers_progress_is_read_from_its_log(clock: Clock) -> None:
+    ctl, kube, view, _ = make(new_lorajob())
+    running(ctl, kube, view)
+    queued: list[tuple[str, str]] = []
+    ctl.queue.add = lambda key, first=False: queued.append(key)  # type: ignore[method-assign]
+    kube.log = LOG
+    view.pod_map[KEY] = {"p": trainer_pod()}
+    reconcile(ctl)  # first seen running: Running written, its log watched, not read yet
+    assert kube.lorajob["status"]["phase"] == "Running"
+    assert "progress" not in kube.lorajob["status"] and kube.log_reads == []
+    assert len(ctl.progress) == 1
+    read_progress(ctl)
+    assert kube.log_reads == [("ml", "bot-a1-x7k2p", "trainer", progress_reader.TAIL_LINES,
+                               progress_reader.TAIL_BYTES)]
+    assert queued == [KEY]  # something new: the key is reconciled
+    watch(kube, view)
+    reconcile(ctl)
+    # The newest progress line, camelCase in the status; the other lines skipped.
+    assert kube.lorajob["status"]["progress"] == {"step": 40, "totalSteps": 100,
+                                                  "percent": 40.0, "loss": 1.25}
+    assert kube.lorajob["status"]["phase"] == "Running"
+    writes = len([c for c in kube.calls if c[0] == "status"])
+    read_progress(ctl)  # the same progress again: the key is not queued, nothing written
+    watch(kube, view)
+    reconcile(ctl)
+    assert queued == [KEY]
+    assert len([c for c in kube.calls if c[0] == "status"]) == writes
+    kube.log = '{"event": "progress", "step": 100, "total_steps": 100, "percent": 100.0}'
+    read_progress(ctl)
+    clock.now += INTERVAL  # Exporting is a brief step: written once it has lasted
+    for _ in range(2):
+        watch(kube, view)
+        reconcile(ctl)
+        clock.now += INTERVAL
+    assert kube.lorajob["status"]["phase"] == "Uploading"
+    assert kube.lorajob["status"]["progress"]["step"] == 100
+
+
+def test_a_pod_that_stops_running_is_no_longer_read(clock: Clock) -> None:
+    ctl, kube, view, _ = make(new_lorajob())
+    running(ctl, kube, view)
+    view.pod_map[KEY] = {"p": trainer_pod()}
+    reconcile(ctl)
+    assert len(ctl.progress) == 1
+    view.pod_map[KEY] = {"p": {**trainer_pod(), "status": {"phase": "Failed", "containerStatuses": [
+        {"name": "trainer", "state": {"terminated": {"exitCode": 1}}}]}}}
+    watch(kube, view)
+    reconcile(ctl)
+    assert len(ctl.progress) == 0 and kube.log_reads == []
+
+
+@pytest.mark.parametrize("error", [ApiError(502, "Bad Gateway", "no kubelet"), TimeoutError()],
+                         ids=["api-error", "timeout"])
+def test_a_failed_log_read_changes_nothing(clock: Clock, error: Exception) -> None:
+    ctl, kube, view, _ = make(new_lorajob())
+    running(ctl, kube, view)
+    view.pod_map[KEY] = {"p": trainer_pod()}
+    reconcile(ctl)
+    before = metrics.PROGRESS_READ_ERRORS._value.get()
+    kube.log = error
+    read_progress(ctl)
+    assert len(kube.log_reads) == 1
+    assert metrics.PROGRESS_READ_ERRORS._value.get() == before + 1
+    watch(kube, view)
+    reconcile(ctl)
+    assert ctl._errors.failures(KEY) == 0
+    assert kube.lorajob["status"]["phase"] == "Running" and "progress" not in kube.lorajob["status"]
+    kube.log = LOG
+    read_progress(ctl)
+    watch(kube, view)
+    reconcile(ctl)
+    assert kube.lorajob["status"]["progress"]["step"] == 40
+
+
+def test_a_brief_step_is_written_only_once_it_has_lasted_an_interval(clock: Clock) -> None:
+    """A step that usually lasts moments (here: the pod bound, its container starting) is
+    written only if it still holds a progress interval after the operator first saw it,
+    however late the reconcile that sees it comes; a step users act on (Running) is
+    written at once."""
+    ctl, kube, view, _ = make(new_lorajob())
+    running(ctl, kube, view)  # the plan and "waiting for the pod", one write
+    delays = requeues(ctl)
+    writes = [c for c in kube.calls if c[0] == "status"]
+    view.pod_map[KEY] = {"p": trainer_pod(phase="Pending")}
+    clock.now += 3 * INTERVAL  # a deep queue: first seen long after the last write
+    reconcile(ctl)
+    assert [c for c in kube.calls if c[0] == "status"] == writes  # held back
+    assert delays == [INTERVAL]  # looked at again when it has lasted an interval
+    clock.now += INTERVAL / 2
+    reconcile(ctl)  # not yet
+    assert [c for c in kube.calls if c[0] == "status"] == writes
+    assert delays[-1] == INTERVAL / 2
+    clock.now += INTERVAL / 2
+    reconcile(ctl)  # still starting an interval after it was first seen: written
+    assert len([c for c in kube.calls if c[0] == "status"]) == len(writes) + 1
+    scheduled = next(c for c in kube.lorajob["status"]["conditions"] if c["type"] == "Scheduled")
+    assert scheduled["status"] == "True"
+    watch(kube, view)
+    view.pod_map[KEY] = {"p": trainer_pod()}
+    reconcile(ctl)  # right after that write, but Running is not brief
+    assert kube.lorajob["status"]["phase"] == "Running"
+    assert len([c for c in kube.calls if c[0] == "status"]) == len(writes) + 2
+
+
+def test_a_passing_brief_step_is_never_written(clock: Clock) -> None:
+    """The pod is bound and running before an interval has passed: the starting step in
+    between costs no write."""
+    ctl, kube, view, _ = make(new_lorajob())
+    running(ctl, kube, view)
+    requeues(ctl)
+    view.pod_map[KEY] = {"p": trainer_pod(phase="Pending")}
+    reconcile(ctl)
+    clock.now += INTERVAL / 2
+    view.pod_map[KEY] = {"p": trainer_pod()}
+    reconcile(ctl)
+    assert [c[1] for c in kube.calls if c[0] == "status"] == ["Scheduling", "Running"]

@@ -5,18 +5,17 @@ tests/reliability/test_trainer_hardening.py)."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
 import threading
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
 from lora_operator import api
 from lora_operator.contract import ExitCode, JobIdentity, TrainerResult
-from lora_trainer import checkpoints, data, export, launch, progress, storage
+from lora_trainer import checkpoints, data, export, launch, storage
 from lora_trainer.errors import TrainerError, classify, redact
 
 PRESIGNED = ("https://bucket.s3.amazonaws.com/train.jsonl?X-Amz-Algorithm=AWS4-HMAC-SHA256"
@@ -195,39 +194,3 @@ def test_local_publish_race_has_one_winner(tmp_path: Path) -> None:
         written["files"]["adapter_model.safetensors"]["sha256"]
     assert not (tmp_path / "adapter" / export.LOCK).exists()
     assert not any((tmp_path / "adapter" / export.STAGING).rglob("*.safetensors"))
-
-
-class _TokenCheck(http.server.BaseHTTPRequestHandler):
-    """An API server that accepts only the current (rotated) token."""
-
-    valid = "rotated-token"
-    seen: ClassVar[list[str]] = []
-
-    def do_PATCH(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        _TokenCheck.seen.append(self.headers["Authorization"])
-        self.send_response(200 if self.headers["Authorization"] == f"Bearer {self.valid}" else 401)
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def test_rotated_token_is_read_again_on_401(tmp_path: Path) -> None:
-    token_file = tmp_path / "token"
-    token_file.write_text("expired-token\n")
-    server = http.server.HTTPServer(("127.0.0.1", 0), _TokenCheck)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    cluster = progress.InCluster(f"http://127.0.0.1:{server.server_port}", "expired-token",
-                                 None, token_file)
-    patcher = progress.StatusPatcher(JobIdentity(name="j", uid="u"), cluster)
-    snap = progress.snapshot(1, 3, None, 1.0, None, 10, 1.0)
-    try:
-        assert not patcher.apply(snap)  # the kubelet has not rotated it yet: refused
-        token_file.write_text("rotated-token\n")  # the kubelet rotates the projected token
-        assert patcher.apply(snap)
-    finally:
-        server.shutdown()
-    assert _TokenCheck.seen == ["Bearer expired-token", "Bearer expired-token",
-                                "Bearer rotated-token"]

@@ -1,18 +1,16 @@
-"""Storage (URI safety, local transfers, error mapping) and progress (lines, status patch)."""
+"""Storage (URI safety, local transfers, error mapping) and progress (lines, bar)."""
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
-import threading
+import sys
 from pathlib import Path
-from typing import Any, ClassVar
 
 import pytest
 
-from lora_operator import api
-from lora_operator.contract import ExitCode, JobIdentity
+from lora_operator import contract
+from lora_operator.contract import ExitCode
 from lora_trainer import progress, storage
 from lora_trainer.errors import TrainerError
 
@@ -95,93 +93,50 @@ def test_hf_without_network_is_a_storage_error(tmp_path: Path, monkeypatch: pyte
     assert err.value.code in (ExitCode.STORAGE, ExitCode.MODEL)
 
 
-def test_snapshot_and_patch_body() -> None:
+def test_snapshot_rates_and_eta() -> None:
     snap = progress.snapshot(step=25, total=100, epoch=0.5, loss=1.5, eval_loss=None, tokens=5000,
                              elapsed=10.0)
     assert (snap.percent, snap.tokens_per_second, snap.eta_seconds) == (25.0, 500.0, 30.0)
-    job = JobIdentity(name="j", namespace="ns", uid="u")
-    body = progress.status_patch(job, snap)
-    assert body["apiVersion"] == api.API_VERSION and body["metadata"] == {"name": "j", "namespace": "ns"}
-    assert body["status"]["progress"]["totalSteps"] == 100
-    assert body["status"]["progress"]["tokensPerSecond"] == 500.0
-    assert progress.status_path(job) == ("/apis/lorajob.dev/v1alpha1/namespaces/ns/lorajobs/j/status"
-                                         "?fieldManager=lora-trainer&force=true")
+    assert (snap.step, snap.total_steps, snap.epoch, snap.loss) == (25, 100, 0.5, 1.5)
+    assert snap.updated_at is not None
+    start = progress.snapshot(step=0, total=0, epoch=None, loss=None, eval_loss=None, tokens=0,
+                              elapsed=0.0)
+    assert (start.percent, start.tokens_per_second, start.eta_seconds) == (None, None, None)
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    seen: ClassVar[list[dict[str, Any]]] = []
-
-    def do_PATCH(self) -> None:
-        length = int(self.headers["Content-Length"])
-        _Recorder.seen.append({"path": self.path, "type": self.headers["Content-Type"],
-                               "auth": self.headers["Authorization"],
-                               "body": json.loads(self.rfile.read(length))})
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def test_reporter_writes_lines_and_throttles_status_patches(caplog: pytest.LogCaptureFixture) -> None:
-    server = http.server.HTTPServer(("127.0.0.1", 0), _Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    job = JobIdentity(name="j", namespace="ns", uid="u")
-    patcher = progress.StatusPatcher(job, progress.InCluster(f"http://127.0.0.1:{server.server_port}",
-                                                             "tok", None))
+def test_reporter_writes_lines_the_operator_reads() -> None:
+    """The trainer holds no API token: its progress reaches the LoRAJob only as the JSON
+    lines on stdout, of which the operator takes the newest (`contract.last_progress`),
+    other events in between."""
     out = io.StringIO()
-    reporter = progress.ProgressReporter(patcher, interval=3600, stream=out)
-    for step in range(1, 4):
-        reporter.report(progress.snapshot(step, 3, None, 1.0, None, 10, 1.0))
-    reporter.finish()
-    server.shutdown()
+    reporter = progress.ProgressReporter(stream=out)
+    snaps = [progress.snapshot(step, 3, step / 3, 2.0 / step, None, 10 * step, 1.0 * step)
+             for step in range(1, 4)]
+    for snap in snaps:
+        reporter.report(snap)
+        progress.write_event(out, "checkpoint", {"step": snap.step, "uri": "s3://b/ckpt/"})
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [line["event"] for line in lines] == ["progress"] * 3 and lines[-1]["step"] == 3
-    assert len(_Recorder.seen) == 2  # the first one, then the final one (throttled between)
-    assert _Recorder.seen[0]["type"] == "application/apply-patch+yaml"
-    assert _Recorder.seen[0]["auth"] == "Bearer tok"
-    assert _Recorder.seen[-1]["body"]["status"]["progress"]["step"] == 3
-
-    dead = progress.StatusPatcher(job, progress.InCluster("http://127.0.0.1:9", "tok", None), timeout=1)
-    assert not dead.apply(progress.snapshot(1, 3, None, 1.0, None, 10, 1.0))
-    assert not dead.apply(progress.snapshot(2, 3, None, 1.0, None, 10, 1.0))
-    assert sum("cannot patch" in r.message for r in caplog.records) == 1
+    assert [line["event"] for line in lines] == ["progress", "checkpoint"] * 3
+    assert lines[-2]["step"] == 3 and lines[-2]["total_steps"] == 3
+    assert all(len(line) <= contract.PROGRESS_LINE_MAX_CHARS
+               for line in out.getvalue().splitlines())
+    assert reporter.latest == snaps[-1]
+    assert contract.last_progress(out.getvalue()) == snaps[-1]
 
 
-class _Flaky(http.server.BaseHTTPRequestHandler):
-    """Answers `codes` in turn (an API server restarting), then 200."""
+def test_bar_goes_to_its_own_stream_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    out, bar = io.StringIO(), io.StringIO()
+    reporter = progress.ProgressReporter(stream=out, bar=bar)
+    reporter.report(progress.snapshot(1, 2, None, 1.0, None, 10, 1.0))
+    reporter.report(progress.snapshot(2, 2, None, 0.5, None, 20, 2.0), final=True)
+    assert "2/2" in bar.getvalue() and bar.getvalue().endswith("\n")
+    assert [json.loads(line)["step"] for line in out.getvalue().splitlines()] == [1, 2]
 
-    codes: ClassVar[list[int]] = []
-    seen: ClassVar[int] = 0
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
 
-    def do_PATCH(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        _Flaky.seen += 1
-        code = _Flaky.codes.pop(0) if _Flaky.codes else 200
-        self.send_response(code)
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.mark.parametrize(("codes", "applied", "calls"), [
-    ([503, 503], True, 3),   # the final patch outlives an API server restart
-    ([403], False, 1),       # refused: asking again cannot help
-])
-def test_final_patch_is_retried_only_while_the_server_is_away(
-        codes: list[int], applied: bool, calls: int) -> None:
-    _Flaky.codes, _Flaky.seen = list(codes), 0
-    server = http.server.HTTPServer(("127.0.0.1", 0), _Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    job = JobIdentity(name="j", namespace="ns", uid="u")
-    patcher = progress.StatusPatcher(job, progress.InCluster(f"http://127.0.0.1:{server.server_port}",
-                                                             "tok", None))
-    try:
-        got = patcher.apply(progress.snapshot(3, 3, None, 1.0, None, 10, 1.0),
-                            attempts=4, backoff=0.01)
-    finally:
-        server.shutdown()
-    assert (got, _Flaky.seen) == (applied, calls)
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert progress.ProgressReporter.create().bar is sys.stderr
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress.ProgressReporter.create().bar is None

@@ -1,8 +1,10 @@
-"""The trainer's configuration as a ConfigMap: spec + resolved placement + job identity.
+"""The trainer's configuration: spec + resolved placement + job identity, as YAML.
 
 The trainer never re-plans: it reads what the operator decided (method, class, GPUs,
-DeepSpeed stage) from this file, so the two cannot disagree. The ConfigMap carries the
-current attempt's placement; an out-of-memory retry rewrites it before the next Job exists.
+DeepSpeed stage) from this file, so the two cannot disagree. The text travels in an
+annotation of the Job's pod template and reaches the pod's disk through a downwardAPI
+volume (`job.volumes`): each attempt's Job carries its own placement, and no ConfigMap
+(one more object, one more write per job) is needed.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ def trainer_config(owner: names.Owner, spec: api.LoRAJobSpec, placement: api.Pla
             update={"region": spec.output.region or settings.s3_region})}),
         placement=placement,
         checkpoint_uri=contract.checkpoint_uri_for(spec.output.uri, owner.uid),
-        report_progress=True,
-        progress_interval_seconds=settings.progress_interval_seconds,
         allowed_output_prefixes=policy.allowed_prefixes(owner.namespace, settings),
     )
 
@@ -44,14 +44,3 @@ def render(config: contract.TrainerConfig) -> str:
     """YAML with camelCase keys, the same shape as a LoRAJob manifest's fields."""
     data = config.model_dump(by_alias=True, exclude_none=True, mode="json")
     return yaml.dump(data, Dumper=_DUMPER, sort_keys=False, allow_unicode=False)
-
-
-def config_map(owner: names.Owner, config: contract.TrainerConfig) -> dict[str, Any]:
-    """The ConfigMap mounted at `contract.CONFIG_DIR` in the trainer pod."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": names.metadata(owner, names.trainer_name(owner.name),
-                                   attempt=config.job.attempt),
-        "data": {contract.CONFIG_KEY: render(config)},
-    }
