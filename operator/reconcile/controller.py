@@ -711,12 +711,14 @@ class Controller(CallsIO):
 
     async def _manifest(self, key: Key, body: Obj, spec: api.LoRAJobSpec, current: Obj | None,
                         pods: list[Obj], attempt: int) -> ManifestCheck | None:
-        """Check the adapter's manifest once the Job completed (cached per attempt):
-        `SuccessCriteriaMet` (Kubernetes 1.31+) comes before `Complete`, and either means
-        the trainer succeeded, as in `verdicts.completed`."""
+        """Check the adapter's manifest once the trainer succeeded (cached per attempt): its
+        pod Succeeded, or its Job says so (`SuccessCriteriaMet`, Kubernetes 1.31+, comes
+        before `Complete`), as `verdicts` read them."""
         conditions = ((current or {}).get("status") or {}).get("conditions") or []
-        if not any(c.get("type") in ("Complete", "SuccessCriteriaMet") and c.get("status") == "True"
-                   for c in conditions):
+        done = any(c.get("type") in ("Complete", "SuccessCriteriaMet") and c.get("status") == "True"
+                   for c in conditions)
+        if not done and not any(attempt_of(p) == attempt and
+                                (p.get("status") or {}).get("phase") == "Succeeded" for p in pods):
             return None
         uid = (body.get("metadata") or {}).get("uid") or ""
         cached = self._manifests.get((uid, attempt))

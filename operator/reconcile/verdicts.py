@@ -277,6 +277,14 @@ def pod_state(f: Facts) -> Verdict:
     if pod.phase == "Running":
         return _running(f, pod)
     if pod.phase == "Succeeded":
+        result, _ = pod.result()
+        if result is not None and f.job is not None:
+            # The trainer is done and said where its adapter is: a verified manifest means
+            # Succeeded now, not when the Job controller gets round to marking the Job
+            # complete. Anything else waits for the Job, as before (its pods' logs stay).
+            done = _manifest_verdict(f, f.job, result, pod.node)
+            if done.phase == Phase.SUCCEEDED:
+                return done
         return Verdict(Phase.UPLOADING, "Exporting", "trainer finished; Job completing",
                        node=pod.node)
     if pod.phase == "Failed":

@@ -513,3 +513,16 @@ def test_success_completes_the_progress_from_the_result() -> None:
     d = derive(unknown, job(("Complete", "")), [pod("Succeeded", message=result_json())],
                manifest=ManifestCheck(True, "manifest verified in storage"))
     assert d.phase == api.Phase.SUCCEEDED and "progress" not in d.patch
+
+
+def test_a_succeeded_pod_with_a_verified_manifest_is_success_before_its_job_completes() -> None:
+    """The Job controller marks the Job complete some time after its pod succeeded (seconds
+    in a busy cluster): a verified manifest decides at once; an unverified or refused one
+    waits for the Job, as before."""
+    pods = [pod("Succeeded", message=result_json())]
+    done = derive(lorajob("Running"), job(), pods, manifest=ManifestCheck(True, "verified"))
+    assert done.phase == api.Phase.SUCCEEDED and done.patch["result"]["adapterUri"]
+    for check in (None, ManifestCheck(None, "storage not answering"),
+                  ManifestCheck(False, "not in storage", reason="ManifestMissing")):
+        waiting = derive(lorajob("Running"), job(), pods, manifest=check)
+        assert (waiting.phase, waiting.brief) == (api.Phase.UPLOADING, "Exporting"), check
