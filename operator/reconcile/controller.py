@@ -11,14 +11,15 @@ moment and it continues where it was.
 What it does, in order:
 1. finished job → (re)schedule its TTL deletion, nothing else;
 2. no placement yet → validate the spec, plan through the estimator (or Fail at once with
-   the reason and memory breakdown); the placement is written with step 6's patch, after
+   the reason and memory breakdown); the placement is written with step 7's patch, after
    the Job exists (before a dataset preflight, at once);
 3. no Job for the current attempt → create it, its only child (the trainer's config rides
    in its pod template), by deterministic name (409 = adopt what this LoRAJob controls;
    someone else's object fails the job with NameConflict, a refused create with
    ChildRejected);
 4. keep Job.spec.suspend in line with runPolicy.suspend (never unsuspending a Kueue job);
-5. a completed Job → verify the manifest in storage (`manifest.check`);
+5. a trainer that succeeded (its pod, or its Job says so) → verify the manifest in
+   storage (`manifest.check`);
 6. a running trainer → take the newest progress line of its log, which a reader reads off
    this path at most every `progress_interval_seconds` (`progress_reader`; the trainer
    holds no API token, see `build.job`);
@@ -615,7 +616,7 @@ class Controller(CallsIO):
                          attempt: int) -> api.Placement | None:
         """The placement the operator planned for this attempt: from memory, else planned
         again (deterministic: the same spec and settings give the same placement), never
-        read back from status.placement, which the trainer's token can write."""
+        read back from status.placement, which a lost status patch can leave behind."""
         uid = (body.get("metadata") or {}).get("uid") or ""
         kept = self._placements.get(key)
         if kept is not None and kept[:2] == (uid, attempt):

@@ -7,13 +7,13 @@ be created, is still running, passed or failed, and the status patch for it —
 condition and, on failure, the Failed phase with the report's reason (`InvalidDataset` for
 a bad dataset) before any GPU is requested.
 
-Decisions rest on the preflight Job and its pod, never on `status.dataset`, which a
-trainer token could write: the Job's Complete condition (exit 0, the Passed verdict) lets
+Decisions rest on the preflight Job and its pod, never on `status.dataset` (a status may
+lag its objects after a crash): the Job's Complete condition (exit 0, the Passed verdict) lets
 the trainer Job be created, its Failed condition fails the LoRAJob. A pod that exits 0
 without a readable report proceeds with DatasetValidated=Unknown (NoReport): the exit code
 is the verdict and the trainer checks the data again before it loads the model.
 
-`gate` is the controller's side: create the children the preflight needs, apply the patch.
+`gate` is the controller's side: create the preflight's Job, apply the patch.
 """
 
 from __future__ import annotations
