@@ -230,21 +230,21 @@ class ApiClient:
                       content_type: str = JSON) -> Obj:
         """`method` `path` with `body` as JSON; the answer's JSON object. Raises ApiError."""
         data = None if body is None else fastjson.dumps(body)
-        status, reason, text = await self._send(method, path, data, content_type)
-        if status == 401 and await self._relogin():
-            status, reason, text = await self._send(method, path, data, content_type)
-        if status >= 300:
-            raise ApiError(status, reason, text)
+        text = await self._exchange(method, path, data, content_type)
         out = fastjson.loads(text) if text else {}
         return out if isinstance(out, dict) else {}
 
     async def text(self, path: str, timeout: float = LOG_TIMEOUT_SECONDS) -> str:
         """GET `path`, whose answer is text (a pod's log). Raises ApiError, or
         TimeoutError after `timeout` seconds."""
-        limit = aiohttp.ClientTimeout(total=timeout)
-        status, reason, text = await self._send("GET", path, None, JSON, limit)
+        return await self._exchange("GET", path, None, JSON, aiohttp.ClientTimeout(total=timeout))
+
+    async def _exchange(self, method: str, path: str, data: bytes | None, content_type: str,
+                        timeout: aiohttp.ClientTimeout | None = None) -> str:
+        """The answer's text; after a 401, once more with re-read credentials. Raises ApiError."""
+        status, reason, text = await self._send(method, path, data, content_type, timeout)
         if status == 401 and await self._relogin():
-            status, reason, text = await self._send("GET", path, None, JSON, limit)
+            status, reason, text = await self._send(method, path, data, content_type, timeout)
         if status >= 300:
             raise ApiError(status, reason, text)
         return text
